@@ -1,0 +1,225 @@
+"""The only config → object adapter: networks, methods, losses, optimizers, updaters, schedules, data loaders.
+
+Runtime facts (class counts, feature dimensions, teacher paths) are injected here, never repeated in YAML.
+Everything else in ``pipeline/`` takes explicit arguments and never sees a config.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch.utils.data import DataLoader
+
+from pipeline.config import ConfigError, DatasetConfig, ModelConfig, RebalanceConfig, TrainConfig
+from pipeline.data import SAMPLERS, SOURCES, TRANSFORMS, ImageDataset, collate, create_sampler, create_transform
+from pipeline.data import load_manifest, load_split
+from pipeline.losses import LOSSES, class_weight_schedule, create_loss
+from pipeline.models import backbones as _backbones  # noqa: F401  (registers the CIFAR ResNets with timm)
+from pipeline.models.heads import HEADS
+from pipeline.models.network import Network, load_network
+from pipeline.optim.sam import SAM
+from pipeline.optim.schedules import LR_SCHEDULES, RHO_SCHEDULES, create_lr_schedule, create_rho_schedule
+from pipeline.registry import Registry
+from pipeline.train.method import Method
+from pipeline.train.updaters import UPDATERS
+
+logger = logging.getLogger(__name__)
+
+METHOD_BUILDERS: Registry[Method] = Registry("method")
+PROFILES = ("exp", "step", "pareto", "none")
+WEIGHT_RULES = ("none", "reweight", "drw")
+REBALANCE_METHODS = ("crt", "lws", "ncm", "tau_norm")
+
+
+@dataclass
+class BuildContext:
+    """Runtime facts a builder may inject.
+
+    Attributes:
+        dataset_dir: the dataset stage's output (``data/dataset``).
+        data_root: where other stages' outputs live (``data``): teachers are ``data_root/teachers/<name>``.
+        dataset: the dataset section (image size, mean, std).
+    """
+
+    dataset_dir: Path
+    data_root: Path
+    dataset: DatasetConfig
+
+    @property
+    def manifest(self) -> dict:
+        if not hasattr(self, "_manifest"):
+            self._manifest = load_manifest(str(self.dataset_dir))
+        return self._manifest
+
+    @property
+    def class_counts(self) -> list[int]:
+        return self.manifest["train_counts"]
+
+    @property
+    def num_classes(self) -> int:
+        return self.manifest["num_classes"]
+
+
+# --- validation of registry names (called by pipeline.config at load time) -------------------------------------
+def _check(where: str, key: str, value: str, valid: list[str] | tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ConfigError(f"{where}.{key}: unknown value {value!r}; valid: {', '.join(valid)}")
+
+
+def _validate_train(cfg: TrainConfig, where: str) -> None:
+    _check(where, "method", cfg.method, METHOD_BUILDERS.names())
+    if not timm.is_model(cfg.model.backbone):
+        raise ConfigError(f"{where}.model.backbone: unknown backbone {cfg.model.backbone!r}; registered here: "
+                          "cifar_resnet8, cifar_resnet20, cifar_resnet32, or any timm model name")
+    _check(where, "model.head", cfg.model.head, HEADS.names())
+    _check(where, "loss", cfg.loss, LOSSES.names())
+    _check(where, "class_weight", cfg.class_weight, WEIGHT_RULES)
+    _check(where, "sampler", cfg.sampler, SAMPLERS.names())
+    for t in cfg.transforms:
+        _check(where, "transforms", t, TRANSFORMS.names())
+    _check(where, "lr_schedule", cfg.lr_schedule, LR_SCHEDULES.names())
+    _check(where, "updater.name", cfg.updater.name, UPDATERS.names())
+    _check(where, "updater.rho_schedule", cfg.updater.rho_schedule, RHO_SCHEDULES.names())
+    _check(where, "optimizer.name", cfg.optimizer.name, ("sgd", "adamw"))
+    for key in ("epochs", "batch_size"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{where}.{key} must be >= 1, got {getattr(cfg, key)}")
+
+
+def validate_names(obj: Any, where: str) -> None:
+    """Check every registry name and range in a loaded section; raise ConfigError naming the key."""
+    if isinstance(obj, TrainConfig):
+        _validate_train(obj, where)
+    elif isinstance(obj, DatasetConfig):
+        _check(where, "source", obj.source, SOURCES.names())
+        _check(where, "profile", obj.profile, PROFILES)
+        if obj.imbalance_factor < 1:
+            raise ConfigError(f"{where}.imbalance_factor must be >= 1 (n_max / n_min), got {obj.imbalance_factor}")
+        if obj.few > obj.many:
+            raise ConfigError(f"{where}: few ({obj.few}) must not exceed many ({obj.many})")
+    elif isinstance(obj, RebalanceConfig):
+        _check(where, "method", obj.method, REBALANCE_METHODS)
+        _check(where, "tau_select", obj.tau_select, ("val", "train_balanced", "learn"))
+        _check(where, "ncm_feat", obj.ncm_feat, ("un", "l2n", "cl2n"))
+        _check(where, "ncm_dist", obj.ncm_dist, ("l2", "cos"))
+        if "/" not in obj.model:
+            raise ConfigError(f"{where}.model must be '<teachers|students>/<name>', got {obj.model!r}")
+        _validate_train(obj.train, f"{where}.train")
+
+
+# --- models -----------------------------------------------------------------------------------------------------
+def network_spec(model: ModelConfig, num_classes: int, neck_dim: int | None = None) -> dict:
+    """The ``model.json`` spec of a network (see ``pipeline.models.network``)."""
+    backbone = {"name": model.backbone, **model.backbone_args}
+    if model.pretrained or model.checkpoint_file:
+        backbone.update(pretrained=model.pretrained, checkpoint_file=model.checkpoint_file)
+    dim = neck_dim if neck_dim is not None else model.neck_dim
+    return {"backbone": backbone, "neck": {"dim": dim} if dim else None, "head": {"name": model.head, **model.head_args},
+            "normalize_features": model.normalize_features, "num_classes": num_classes}
+
+
+def model_dir(ctx: BuildContext, ref: str) -> Path:
+    """``teachers/<name>`` or ``students/<name>`` → its output directory; a clear error when it is missing."""
+    path = ctx.data_root / ref
+    if not (path / "model.json").is_file():
+        raise ConfigError(f"model {ref!r} not found at {path}: no stage produces it (check the name in params.yaml)")
+    return path
+
+
+@METHOD_BUILDERS.register("erm")
+def _build_erm(cfg: TrainConfig, ctx: BuildContext) -> Method:
+    from pipeline.train.methods import ERM
+
+    counts = ctx.class_counts
+    loss = create_loss(cfg.loss, class_counts=counts, **cfg.loss_args)
+
+    def weights(epoch: int) -> torch.Tensor | None:
+        return class_weight_schedule(cfg.class_weight, epoch, counts, cfg.drw_epoch, cfg.cb_beta)
+
+    return ERM(Network(network_spec(cfg.model, ctx.num_classes)), loss, weights)
+
+
+@METHOD_BUILDERS.register("cbd")
+def _build_cbd(cfg: TrainConfig, ctx: BuildContext) -> Method:
+    from pipeline.train.methods import CBD
+
+    args = dict(cfg.method_args)
+    names = args.pop("teachers", None)
+    if not names:
+        raise ConfigError("method cbd needs method_args.teachers: a list of teacher names")
+    teachers = [load_network(model_dir(ctx, f"teachers/{n}")) for n in names]
+    dim = sum(t.feature_dim for t in teachers)  # CBD-ENS: the student's h maps to the concatenated teacher width
+    spec = network_spec(cfg.model, ctx.num_classes, neck_dim=dim)
+    spec["normalize_features"] = True
+    return CBD(Network(spec), teachers, **args)
+
+
+def create_method(cfg: TrainConfig, ctx: BuildContext) -> Method:
+    return METHOD_BUILDERS.create(cfg.method, cfg=cfg, ctx=ctx)
+
+
+# --- optimisation -----------------------------------------------------------------------------------------------
+def create_optimizer(cfg: TrainConfig, method: Method) -> torch.optim.Optimizer:
+    """SGD (or AdamW) over ``method.param_groups()``, wrapped in SAM when the updater is 'sam'."""
+    o = cfg.optimizer
+    if o.name == "sgd":
+        base, kwargs = torch.optim.SGD, dict(lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                                             nesterov=o.nesterov)
+    else:
+        base, kwargs = torch.optim.AdamW, dict(lr=o.lr, weight_decay=o.weight_decay)
+    groups = method.param_groups()
+    if cfg.updater.name == "sam":
+        return SAM(groups, base, rho=cfg.updater.rho, **kwargs)
+    return base(groups, **kwargs)
+
+
+def create_updater(cfg: TrainConfig):
+    u = cfg.updater
+    if u.name == "sam":
+        rho = create_rho_schedule(u.rho_schedule, rho=u.rho, epochs=cfg.epochs, **u.rho_args)
+        return UPDATERS.create("sam", rho_schedule=rho, freeze_bn_second_pass=u.freeze_bn_second_pass)
+    return UPDATERS.create(u.name)
+
+
+def create_lr(cfg: TrainConfig) -> Callable[[int], float]:
+    return create_lr_schedule(cfg.lr_schedule, base_lr=cfg.optimizer.lr, epochs=cfg.epochs, **cfg.lr_args)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# --- data -------------------------------------------------------------------------------------------------------
+def _transform(name: str, ctx: BuildContext, **kwargs: Any):
+    d = ctx.dataset
+    return create_transform(name, image_size=d.image_size, mean=d.mean, std=d.std, **kwargs)
+
+
+def create_train_loader(cfg: TrainConfig, ctx: BuildContext, device: torch.device) -> DataLoader:
+    """The training loader: one view per ``cfg.transforms`` entry, the configured sampler, seeded per epoch."""
+    split = load_split(str(ctx.dataset_dir), "train")
+    transforms = [_transform(t, ctx, **cfg.transform_args.get(t, {})) for t in cfg.transforms]
+    sampler = create_sampler(cfg.sampler, labels=split.labels, seed=cfg.seed, num_epochs=cfg.epochs,
+                             **cfg.sampler_args)
+    return DataLoader(ImageDataset(split, transforms), batch_size=cfg.batch_size, sampler=sampler,
+                      num_workers=cfg.num_workers, collate_fn=collate, drop_last=cfg.drop_last,
+                      pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0)
+
+
+def create_eval_loader(ctx: BuildContext, split_name: str, batch_size: int = 256, num_workers: int = 0,
+                       device: torch.device | None = None) -> DataLoader | None:
+    """A loader over ``split_name`` with the test transform, in order; None for an empty split."""
+    split = load_split(str(ctx.dataset_dir), split_name)
+    if len(split) == 0:
+        return None
+    return DataLoader(ImageDataset(split, [_transform("test", ctx)]), batch_size=batch_size, shuffle=False,
+                      num_workers=num_workers, collate_fn=collate,
+                      pin_memory=device is not None and device.type == "cuda")

@@ -1,0 +1,195 @@
+"""Schemas of each ``params.yaml`` section; loading one validates keys, types and registry names.
+
+Stage scripts read only their own section (``load_section``). An unknown key, a wrong type or an unknown registry
+name fails at load with one line naming the key and the valid choices (``ConfigError``). The YAML itself is written
+by Hydra from ``conf/`` (``dvc exp run -S ...``); this module never composes, it validates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A params.yaml section is invalid; the message names the key and what would be valid."""
+
+
+@dataclass
+class DatasetConfig:
+    """The ``dataset`` section (see conf/dataset/*.yaml)."""
+
+    name: str = "digits_lt"
+    source: str = "digits"
+    root: str | None = None
+    download: bool = False
+    train_file: str | None = None
+    val_file: str | None = None
+    test_file: str | None = None
+    num_classes: int = 10  # synthetic only
+    images_per_class: int = 200  # synthetic only
+    image_size: int = 32
+    profile: str = "exp"
+    imbalance_factor: float = 10.0
+    n_max: int | None = None
+    val_per_class: int = 0
+    test_per_class: int = 0
+    many: int = 100
+    few: int = 20
+    seed: int = 0
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 2e-4
+    nesterov: bool = False
+
+
+@dataclass
+class UpdaterConfig:
+    name: str = "standard"
+    rho: float = 0.05
+    rho_schedule: str = "constant"
+    rho_args: dict[str, Any] = field(default_factory=dict)
+    freeze_bn_second_pass: bool = False
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "cifar_resnet8"
+    backbone_args: dict[str, Any] = field(default_factory=dict)
+    pretrained: bool = False
+    checkpoint_file: str | None = None
+    head: str = "linear"
+    head_args: dict[str, Any] = field(default_factory=dict)
+    neck_dim: int | None = None
+    normalize_features: bool = False
+
+
+@dataclass
+class TrainConfig:
+    """One ``teachers.<name>`` or ``students.<name>`` entry: a Method, its model, data pipeline and schedule."""
+
+    method: str = "erm"
+    method_args: dict[str, Any] = field(default_factory=dict)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: str = "ce"
+    loss_args: dict[str, Any] = field(default_factory=dict)
+    class_weight: str = "none"  # none | reweight | drw
+    drw_epoch: int = 160
+    cb_beta: float = 0.9999
+    sampler: str = "instance"
+    sampler_args: dict[str, Any] = field(default_factory=dict)
+    transforms: list[str] = field(default_factory=lambda: ["standard"])
+    transform_args: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 10
+    batch_size: int = 128
+    drop_last: bool = False
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    lr_schedule: str = "cosine"
+    lr_args: dict[str, Any] = field(default_factory=dict)
+    updater: UpdaterConfig = field(default_factory=UpdaterConfig)
+    amp: str = "auto"
+    grad_clip: float | None = None
+    select: str = "last"
+    seed: int = 0
+    num_workers: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class RebalanceConfig:
+    """One ``rebalance.<model>-<method>`` entry."""
+
+    model: str = "teachers/ce"
+    method: str = "crt"  # crt | lws | ncm | tau_norm
+    tau_select: str = "val"  # val | train_balanced | learn (tau_norm)
+    taus: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(21)])
+    ncm_feat: str = "cl2n"
+    ncm_dist: str = "l2"
+    update_bn: bool = True
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class EvaluateConfig:
+    ensembles: dict[str, list[str]] = field(default_factory=dict)
+    plots_top: int = 8
+
+
+SCHEMAS: dict[str, type] = {
+    "dataset": DatasetConfig,
+    "teachers": TrainConfig,
+    "students": TrainConfig,
+    "rebalance": RebalanceConfig,
+    "evaluate": EvaluateConfig,
+}
+
+
+def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: run from the repository root (or compose it: dvc exp run)")
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def _schema_at(schema: type, path: list[str]) -> type:
+    """The dataclass that holds the key at ``path`` (for the list of valid keys in an error)."""
+    for part in path:
+        fields = {f.name: f for f in dataclasses.fields(schema)}
+        sub = fields[part].default_factory if part in fields else None
+        if sub is None or not dataclasses.is_dataclass(sub):
+            break
+        schema = sub
+    return schema
+
+
+def to_schema(schema: type, raw: Any, where: str) -> Any:
+    """Validate ``raw`` against the dataclass ``schema``; return a plain dataclass instance."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(raw).__name__}")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(raw))
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or getattr(exc, "key", "?")
+        msg = str(exc).splitlines()[0]
+        if "not in" in msg:
+            valid = ", ".join(f.name for f in dataclasses.fields(_schema_at(schema, str(key).split(".")[:-1])))
+            raise ConfigError(f"{where}: unknown key {key!r}; valid keys: {valid}") from None
+        raise ConfigError(f"{where}.{key}: {msg}") from None
+    from pipeline.build import validate_names  # late import: build imports the heavy registries
+
+    validate_names(obj, where)
+    return obj
+
+
+def load_section(section: str, name: str | None = None, params_path: str | Path = "params.yaml") -> Any:
+    """Load and validate ``params.yaml[section]`` (or ``[section][name]`` for the named collections)."""
+    params = read_params(params_path)
+    if section not in SCHEMAS:
+        raise ConfigError(f"unknown params section {section!r}; valid: {', '.join(SCHEMAS)}")
+    raw = params.get(section, {})
+    where = section
+    if name is not None:
+        if name not in (raw or {}):
+            raise ConfigError(f"{section}.{name} is not in {params_path}; defined: {', '.join(raw or {}) or 'none'}")
+        raw, where = raw[name], f"{section}.{name}"
+    return to_schema(SCHEMAS[section], raw, where)
+
+
+def as_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)

@@ -1,0 +1,209 @@
+"""Image transforms of the long-tail recipes, built on torchvision ``transforms.v2``.
+
+Every transform takes an HWC uint8 numpy array (or a PIL image, or a CHW uint8 tensor) and returns a normalized
+float32 CHW tensor. Images up to 64 px use the CIFAR recipes, larger ones the ImageNet recipes.
+
+* ``test``: CIFAR: ToTensor + Normalize (METHODS.md §1.1); large: Resize(256/224 * size) + CenterCrop(size) (§1.2).
+* ``standard``: CIFAR: RandomCrop(size, padding 4) + HFlip (LDAM-DRW, §1.1); large: RandomResizedCrop + HFlip.
+* ``cbd_augmented``: standard + SimCLR colour jitter of strength 1.0 with p 0.8 + grayscale p 0.2 (CBD "data_aug"
+  teachers, §7.2); ``gaussian_noise_std`` > 0 adds the unofficial PyTorch port's N(0, 0.01) noise.
+* ``paco_query``: PaCo CIFAR query view: RandomCrop pad 4 + HFlip + AutoAugment (CIFAR10 policy) + Cutout (§4.3).
+* ``paco_query_randaug``: PaCo ImageNet query view (``randcls``): RRC + HFlip + ColorJitter(0.4,0.4,0.4,0) +
+  RandAugment(2, 10). Departure: torchvision's RandAugment, not timm's ``rand-n2-m10-mstd0.5`` (no magnitude noise).
+* ``simclr``: PaCo's key view ("SimCLR-CIFAR" / ``sim``): RRC(scale 0.2-1) + ColorJitter(0.4,0.4,0.4,0.1) p 0.8 +
+  grayscale p 0.2 + GaussianBlur(sigma 0.1-2) p 0.5 + HFlip.
+
+Random draws use torch's RNG (seeded per DataLoader worker by torch). Departure: PaCo's Cutout draws its centre from
+the global numpy RNG; here it draws from torch's, so worker seeding covers it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from pipeline.registry import Registry
+
+logger = logging.getLogger(__name__)
+
+TRANSFORMS: Registry[Callable] = Registry("transform")
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # LDAM-DRW / Saddle-LongTail (§1.1)
+CIFAR_STD = (0.2023, 0.1994, 0.2010)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_MEAN = (0.5, 0.5, 0.5)  # digits / synthetic
+DEFAULT_STD = (0.5, 0.5, 0.5)
+
+SMALL_MAX = 64  # images up to this side use the CIFAR recipes
+
+
+class ToImage(nn.Module):
+    """HWC uint8 numpy array, (H, W) gray array, PIL image or CHW tensor -> CHW uint8 ``tv_tensors.Image``."""
+
+    def forward(self, img) -> tv_tensors.Image:
+        if isinstance(img, np.ndarray):
+            arr = img if img.ndim == 3 else np.repeat(img[..., None], 3, axis=-1)  # gray -> RGB
+            return tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1))  # (3, H, W)
+        if isinstance(img, torch.Tensor):
+            return tv_tensors.Image(img)
+        return v2.functional.to_image(img.convert("RGB"))
+
+
+class ResizeIfNeeded(nn.Module):
+    """Resize to (size, size) only when the image is not already that size (CIFAR 32 px input is left untouched)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+        self.resize = v2.Resize((size, size), antialias=True)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return img if tuple(img.shape[-2:]) == (self.size, self.size) else self.resize(img)
+
+
+class Cutout(nn.Module):
+    """PaCo's Cutout (``autoaug.py``): zero one (or more) ``length`` x ``length`` square(s) centred anywhere.
+
+    The square is clipped at the border, so near an edge less is cut. Applied to the [0, 1] tensor before
+    Normalize, as in PaCo.
+    """
+
+    def __init__(self, n_holes: int = 1, length: int = 16) -> None:
+        super().__init__()
+        self.n_holes, self.length = n_holes, length
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        h, w = img.shape[-2:]
+        out = img.clone()
+        for _ in range(self.n_holes):
+            y, x = int(torch.randint(h, ())), int(torch.randint(w, ()))
+            y1, y2 = max(y - self.length // 2, 0), min(y + self.length // 2, h)
+            x1, x2 = max(x - self.length // 2, 0), min(x + self.length // 2, w)
+            out[..., y1:y2, x1:x2] = 0
+        return out
+
+
+class GaussianNoise(nn.Module):
+    """Add N(0, std) noise to a [0, 1] float tensor (the unofficial CBD port's ``AddGaussianNoise``)."""
+
+    def __init__(self, std: float) -> None:
+        super().__init__()
+        self.std = std
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return img + torch.randn_like(img) * self.std
+
+
+def _finish(mean: Sequence[float], std: Sequence[float], extra: Sequence[nn.Module] = ()) -> list[nn.Module]:
+    """uint8 -> float in [0, 1], optional tensor ops (Cutout, noise), then Normalize; plain tensor out."""
+    return [
+        v2.ToDtype(torch.float32, scale=True),
+        *extra,
+        v2.Normalize(mean=list(mean), std=list(std)),
+        v2.ToPureTensor(),
+    ]
+
+
+def _simclr_jitter(strength: float = 1.0) -> nn.Module:
+    # SimCLR colour distortion: ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) applied with p 0.8 (random op order inside).
+    s = strength
+    return v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8)
+
+
+def _standard_geometry(image_size: int) -> list[nn.Module]:
+    if image_size <= SMALL_MAX:
+        return [ResizeIfNeeded(image_size), v2.RandomCrop(image_size, padding=4), v2.RandomHorizontalFlip()]
+    return [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()]
+
+
+@TRANSFORMS.register("test")
+def test_transform(*, image_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
+    """Deterministic evaluation transform (no randomness)."""
+    if image_size <= SMALL_MAX:
+        ops: list[nn.Module] = [ResizeIfNeeded(image_size)]
+    else:
+        ops = [v2.Resize(int(round(image_size * 256 / 224)), antialias=True), v2.CenterCrop(image_size)]
+    return v2.Compose([ToImage(), *ops, *_finish(mean, std)])
+
+
+@TRANSFORMS.register("standard")
+def standard_transform(*, image_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
+    """Crop + flip: RandomCrop(pad 4) for small images, RandomResizedCrop for large ones."""
+    return v2.Compose([ToImage(), *_standard_geometry(image_size), *_finish(mean, std)])
+
+
+@TRANSFORMS.register("cbd_augmented")
+def cbd_augmented_transform(
+    *, image_size: int, mean: Sequence[float], std: Sequence[float], gaussian_noise_std: float = 0.0
+) -> Callable:
+    """CBD "data_aug" teacher: standard + SimCLR colour jitter (strength 1, p 0.8) + grayscale p 0.2.
+
+    Args:
+        gaussian_noise_std: 0 is the official pipeline; 0.01 reproduces the unofficial PyTorch port's extra noise.
+    """
+    ops = [*_standard_geometry(image_size), _simclr_jitter(1.0), v2.RandomGrayscale(p=0.2)]
+    extra = [GaussianNoise(gaussian_noise_std)] if gaussian_noise_std > 0 else []
+    return v2.Compose([ToImage(), *ops, *_finish(mean, std, extra)])
+
+
+@TRANSFORMS.register("paco_query")
+def paco_query_transform(*, image_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
+    """PaCo CIFAR query view: RandomCrop pad 4 + HFlip + AutoAugment(CIFAR10) + Cutout(1 hole, 16 px at 32 px)."""
+    cutout = Cutout(n_holes=1, length=max(1, int(round(16 * image_size / 32))))
+    ops = [
+        ResizeIfNeeded(image_size),
+        v2.RandomCrop(image_size, padding=4),
+        v2.RandomHorizontalFlip(),
+        v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10),
+    ]
+    return v2.Compose([ToImage(), *ops, *_finish(mean, std, [cutout])])
+
+
+@TRANSFORMS.register("paco_query_randaug")
+def paco_query_randaug_transform(*, image_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
+    """PaCo ImageNet query view (``randcls``): RRC(0.08-1) + HFlip + ColorJitter(0.4,0.4,0.4,0) + RandAugment(2, 10)."""
+    ops = [
+        v2.RandomResizedCrop(image_size, scale=(0.08, 1.0), antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.ColorJitter(0.4, 0.4, 0.4, 0.0),
+        v2.RandAugment(num_ops=2, magnitude=10),
+    ]
+    return v2.Compose([ToImage(), *ops, *_finish(mean, std)])
+
+
+@TRANSFORMS.register("simclr")
+def simclr_transform(*, image_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
+    """PaCo key view (MoCo v2 / SimCLR): RRC(0.2-1), jitter p 0.8, grayscale p 0.2, blur p 0.5, HFlip.
+
+    The blur mirrors PIL's ``GaussianBlur(radius=sigma)`` with sigma ~ U(0.1, 2) px and a 13 px kernel (3 sigma).
+    """
+    ops = [
+        v2.RandomResizedCrop(image_size, scale=(0.2, 1.0), antialias=True),
+        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        v2.RandomGrayscale(p=0.2),
+        v2.RandomApply([v2.GaussianBlur(kernel_size=13, sigma=(0.1, 2.0))], p=0.5),
+        v2.RandomHorizontalFlip(),
+    ]
+    return v2.Compose([ToImage(), *ops, *_finish(mean, std)])
+
+
+def create_transform(name: str, *, image_size: int, mean: Sequence[float], std: Sequence[float], **kwargs) -> Callable:
+    """Build the transform registered as ``name`` (``TRANSFORMS.names()`` lists them).
+
+    Args:
+        name: test, standard, cbd_augmented, paco_query, paco_query_randaug or simclr.
+        image_size: output side in pixels.
+        mean: per-channel normalization mean (CIFAR_MEAN, IMAGENET_MEAN, DEFAULT_MEAN, ...).
+        std: per-channel normalization std.
+        **kwargs: transform options (e.g. ``gaussian_noise_std`` for cbd_augmented).
+    """
+    if image_size < 1:
+        raise ValueError(f"image_size must be >= 1, got {image_size}")
+    return TRANSFORMS.create(name, image_size=image_size, mean=mean, std=std, **kwargs)

@@ -1,0 +1,1 @@
+"""Backbones (registered with timm), heads and the Network that pairs them."""

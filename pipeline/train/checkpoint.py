@@ -1,0 +1,71 @@
+"""Resumable checkpoints: written atomically every epoch, loaded with ``weights_only=True``.
+
+A checkpoint holds the method's state (parameters and buffers: momentum encoder, queue and pointer...), the
+optimizer, the number of completed epochs, the history of per-epoch metrics, the best state for model selection,
+the RNG states and a hash of the config, so that a run with a changed config starts over instead of resuming.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def config_hash(config: Any) -> str:
+    """A stable hash of a JSON-serialisable config (key order does not matter)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": list(random.getstate()),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` through a temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path, expected_hash: str) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` if it exists and was written for the same config, else None (and say why)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: start over rather than crash
+        logger.warning("ignoring unreadable checkpoint %s (%s); starting over", path, exc)
+        return None
+    if state.get("config_hash") != expected_hash:
+        logger.warning("checkpoint %s was written for a different config; starting over", path)
+        return None
+    return state

@@ -1,0 +1,7 @@
+"""Training recipes, each a :class:`pipeline.train.method.Method`; ``pipeline.build`` turns config into them."""
+
+from pipeline.train.methods.cbd import CBD
+from pipeline.train.methods.decoupled import Decoupled
+from pipeline.train.methods.erm import ERM
+
+__all__ = ["CBD", "Decoupled", "ERM"]

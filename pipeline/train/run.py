@@ -1,0 +1,109 @@
+"""Train one model end to end and write the stage contract's files (used by the teacher and student stages).
+
+``out_dir`` receives ``model.pt``, ``model.json``, ``metrics.json``, ``history.json``, ``predictions.npz`` and
+``features.npz`` atomically; the resumable checkpoint lives in ``checkpoint_dir`` (a persistent, uncached DVC out).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.build import (
+    BuildContext,
+    create_eval_loader,
+    create_lr,
+    create_method,
+    create_optimizer,
+    create_train_loader,
+    create_updater,
+    resolve_device,
+)
+from pipeline.config import TrainConfig
+from pipeline.evaluate.metrics import shot_accuracy
+from pipeline.evaluate.predict import dump_model_outputs, run_over
+from pipeline.io import atomic_dir, write_json
+from pipeline.models.network import save_network
+from pipeline.train.checkpoint import config_hash
+from pipeline.train.method import Method
+from pipeline.train.trainer import Trainer, TrainerConfig, seed_everything
+
+logger = logging.getLogger(__name__)
+
+
+def make_val_fn(ctx: BuildContext, device: torch.device):
+    """Validation accuracy of the main head (for logging and ``select: best_val``); None without a val split."""
+    loader = create_eval_loader(ctx, "val", device=device)
+    if loader is None:
+        return None
+    d = ctx.dataset
+
+    def val_fn(method: Method) -> dict[str, float]:
+        head = method.head_names[0]
+        logits, labels = run_over(loader, lambda x: {head: method.predict(x)[head]}, device, "val")
+        acc = shot_accuracy(logits[head].argmax(1), labels, ctx.class_counts, many=d.many, few=d.few)
+        return {"acc": acc["all"], **{k: v for k, v in acc.items() if k != "all"}}
+
+    return val_fn
+
+
+def fit_method(method: Method, cfg: TrainConfig, ctx: BuildContext, checkpoint_dir: Path, tracker: Any,
+               stop_after_epochs: int | None = None, extra_hash: Any = None) -> tuple[Trainer, torch.device]:
+    """Train ``method`` as ``cfg`` says, resuming from ``checkpoint_dir/checkpoint.pt`` when it matches."""
+    device = resolve_device(cfg.device)
+    trainer = Trainer(
+        method, create_updater(cfg), create_optimizer(cfg, method), create_train_loader(cfg, ctx, device),
+        TrainerConfig(epochs=cfg.epochs, lr_schedule=create_lr(cfg), seed=cfg.seed, amp=cfg.amp,
+                      grad_clip=cfg.grad_clip, select=cfg.select, checkpoint_path=checkpoint_dir / "checkpoint.pt",
+                      config_hash=config_hash({"train": asdict(cfg), "extra": extra_hash,
+                                               "dataset": ctx.manifest["train_counts"]}),
+                      stop_after_epochs=stop_after_epochs),
+        device=device, tracker=tracker, val_fn=make_val_fn(ctx, device) if cfg.select == "best_val" or
+        ctx.manifest["split_sizes"].get("val") else None,
+    )
+    trainer.fit()
+    return trainer, device
+
+
+def write_outputs(method: Method, trainer: Trainer, ctx: BuildContext, out_dir: Path, device: torch.device,
+                  tracker: Any, extra: dict | None = None) -> dict:
+    """Write the trained model's files into ``out_dir`` atomically; return its metrics."""
+    d = ctx.dataset
+    t0 = time.perf_counter()
+    with atomic_dir(out_dir) as tmp:
+        net = method.export()
+        save_network(net, tmp)
+        net.eval()
+        loaders = {s: create_eval_loader(ctx, s, device=device) for s in ("train", "val", "test")}
+        metrics = dump_model_outputs(method.predict, net.forward_features, loaders, device, tmp, ctx.class_counts,
+                                     d.many, d.few)
+        summary = {"heads": list(method.head_names), "test": metrics.get("test", {}), "val": metrics.get("val", {}),
+                   "epochs": len(trainer.history), "train_time_s": sum(h["epoch_time_s"] for h in trainer.history),
+                   **(extra or {})}
+        write_json(tmp / "metrics.json", summary)
+        write_json(tmp / "history.json", trainer.history)
+    logger.info("wrote %s in %.1fs", out_dir, time.perf_counter() - t0)
+    if tracker is not None:
+        main = method.head_names[0]
+        final = {f"test/{k}": v for k, v in summary["test"].get(main, {}).items()}
+        tracker.log_metrics({k: v for k, v in final.items() if np.isfinite(v)}, step=None)
+        tracker.log_artifact(str(out_dir / "metrics.json"))
+    return summary
+
+
+def train_and_export(cfg: TrainConfig, ctx: BuildContext, out_dir: Path, checkpoint_dir: Path, tracker: Any = None,
+                     stop_after_epochs: int | None = None) -> dict | None:
+    """Build the Method from ``cfg``, train it (resuming), and write the outputs; None if stopped early."""
+    seed_everything(cfg.seed)  # the initial weights depend on the seed only
+    method = create_method(cfg, ctx)
+    trainer, device = fit_method(method, cfg, ctx, checkpoint_dir, tracker, stop_after_epochs)
+    if not trainer.finished:
+        logger.info("stopped after %d of %d epochs (checkpoint kept)", len(trainer.history), cfg.epochs)
+        return None
+    return write_outputs(method, trainer, ctx, out_dir, device, tracker)

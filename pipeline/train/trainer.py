@@ -1,0 +1,236 @@
+"""The one training loop. It owns time (epochs, device, autocast, schedules, checkpoints, logging), never the recipe.
+
+Per epoch: reseed every RNG from (seed, epoch), ``sampler.set_epoch``, ``method.on_epoch_start``, the lr of the
+epoch from a pure schedule, ``updater.on_epoch_start`` (rho); per batch: ``prepare_batch`` without gradients, the
+updater's step over the method's ``training_step`` (under autocast, with a NaN/Inf guard naming the loss component),
+``on_after_update``. After each epoch: optional validation, metrics to the tracker, and an atomic checkpoint.
+Reseeding per epoch makes a run resumed at an epoch boundary bit-identical (on the CPU) to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.optim import Optimizer
+from tqdm import tqdm
+
+from pipeline.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from pipeline.train.method import Method, StepOutput
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss component became NaN or Inf."""
+
+
+@dataclass
+class TrainerConfig:
+    """Runtime settings of the loop (not of the recipe).
+
+    Attributes:
+        epochs: number of epochs.
+        lr_schedule: 0-based epoch → base lr; each param group is scaled by its ``lr_scale`` (default 1).
+        seed: base seed; epoch e reseeds every RNG with ``seed * 100003 + e``.
+        amp: 'auto' (bf16 on CUDA, off on CPU), 'bf16', 'fp16' (not with SAM) or 'off'.
+        grad_clip: max global gradient norm, or None.
+        select: 'last' epoch, or 'best_val' (needs ``val_fn``; never the test set).
+        checkpoint_path: where the resumable checkpoint lives; None disables checkpoints.
+        config_hash: identifies the config a checkpoint belongs to.
+        stop_after_epochs: stop after this many epochs in this call (for tests of interruption); None = run all.
+    """
+
+    epochs: int
+    lr_schedule: Callable[[int], float]
+    seed: int = 0
+    amp: str = "auto"
+    grad_clip: float | None = None
+    select: str = "last"
+    checkpoint_path: str | Path | None = None
+    config_hash: str = ""
+    stop_after_epochs: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    non_blocking = device.type == "cuda"
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.to(device, non_blocking=non_blocking)
+        elif isinstance(v, list) and v and isinstance(v[0], torch.Tensor):
+            out[k] = [t.to(device, non_blocking=non_blocking) for t in v]
+        else:
+            out[k] = v
+    return out
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Runs ``method`` with ``updater`` and ``optimizer`` over ``train_loader`` for ``config.epochs`` epochs.
+
+    Args:
+        method: the recipe (``pipeline.train.method.Method``).
+        updater: ``StandardUpdate`` or ``SAMUpdate``.
+        optimizer: built over ``method.param_groups()``.
+        train_loader: a DataLoader whose sampler has ``set_epoch`` (``pipeline.data.samplers``).
+        config: :class:`TrainerConfig`.
+        device: where to train.
+        tracker: receives per-epoch metrics (``pipeline.tracking``); None logs only.
+        val_fn: method → metrics dict (must contain 'acc' for ``select='best_val'``).
+    """
+
+    def __init__(self, method: Method, updater: Any, optimizer: Optimizer, train_loader, config: TrainerConfig,
+                 device: torch.device | str = "cpu", tracker: Any = None,
+                 val_fn: Callable[[Method], dict[str, float]] | None = None) -> None:
+        self.method, self.updater, self.optimizer = method, updater, optimizer
+        self.loader, self.cfg, self.device = train_loader, config, torch.device(device)
+        self.tracker, self.val_fn = tracker, val_fn
+        self.amp_dtype = self._amp_dtype(config.amp)
+        if config.select not in ("last", "best_val"):
+            raise ValueError(f"trainer select {config.select!r}; valid: last, best_val")
+        if config.select == "best_val" and val_fn is None:
+            raise ValueError("select='best_val' needs a validation split (dataset.val_per_class > 0)")
+        self.history: list[dict[str, float]] = []
+        self.best: dict[str, Any] | None = None
+        self.start_epoch = 0
+        self.step = 0
+
+    def _amp_dtype(self, amp: str) -> torch.dtype | None:
+        cuda = self.device.type == "cuda"
+        dtypes = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16, "auto": torch.bfloat16 if cuda else None}
+        if amp not in dtypes:
+            raise ValueError(f"trainer amp {amp!r}; valid: {', '.join(dtypes)}")
+        if amp == "fp16" and getattr(self.updater, "rho_schedule", None) is not None:
+            raise ValueError("SAM with float16 autocast is not supported (no loss scaling across its two passes); "
+                             "use amp: bf16")
+        if amp == "fp16":
+            raise ValueError("amp fp16 needs loss scaling, which this trainer does not do; use amp: bf16")
+        return dtypes[amp]
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def _compute_loss(self, batch: dict, epoch: int) -> Callable[[], StepOutput]:
+        def compute() -> StepOutput:
+            with self._autocast():
+                out = self.method.training_step(batch)
+            for name, value in {"loss": out.loss, **out.parts}.items():
+                if not torch.isfinite(value.detach()).all():
+                    raise NonFiniteLossError(f"loss component {name!r} is {value.item()} at epoch {epoch}, "
+                                             f"step {self.step}; lower the learning rate or check the inputs")
+            return out
+
+        return compute
+
+    # --- checkpoints -------------------------------------------------------------------------------------------
+    def _state(self, epochs_done: int) -> dict[str, Any]:
+        return {"epoch": epochs_done, "step": self.step, "method": self.method.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "history": self.history, "best": self.best,
+                "rng": rng_state(), "sampler": {"epoch": epochs_done}, "config_hash": self.cfg.config_hash}
+
+    def _resume(self) -> None:
+        if self.cfg.checkpoint_path is None:
+            return
+        state = load_checkpoint(self.cfg.checkpoint_path, self.cfg.config_hash)
+        if state is None:
+            return
+        self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.history, self.best, self.step = state["history"], state["best"], state["step"]
+        self.start_epoch = state["epoch"]
+        set_rng_state(state["rng"])
+        logger.info("resuming from checkpoint %s after epoch %d of %d", self.cfg.checkpoint_path, self.start_epoch,
+                    self.cfg.epochs)
+
+    # --- the loop ----------------------------------------------------------------------------------------------
+    def _set_lr(self, epoch: int) -> float:
+        lr = self.cfg.lr_schedule(epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        return lr
+
+    def _train_epoch(self, epoch: int) -> dict[str, float]:
+        seed_everything(self.cfg.seed * 100003 + epoch)
+        sampler = getattr(self.loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        self.method.train()
+        self.method.on_epoch_start(epoch)
+        lr = self._set_lr(epoch)
+        self.updater.on_epoch_start(epoch, self.optimizer)
+        sums: dict[str, float] = {}
+        n_seen = correct = 0
+        bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False,
+                   disable=not sys.stderr.isatty())
+        for batch in bar:
+            batch = _to_device(batch, self.device)
+            with torch.no_grad():
+                batch = self.method.prepare_batch(batch)
+            out = self.updater.update(self.method, self._compute_loss(batch, epoch), self.optimizer,
+                                      self.cfg.grad_clip)
+            self.method.on_after_update(self.step)
+            self.step += 1
+            b = batch["labels"].shape[0]
+            n_seen += b
+            for name, value in {"loss": out.loss, **out.parts}.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach()) * b
+            if out.logits is not None:
+                correct += int((out.logits.detach().argmax(1) == batch["labels"]).sum())
+            bar.set_postfix(loss=f"{float(out.loss.detach()):.4f}")
+        metrics = {f"train/{k}": v / max(n_seen, 1) for k, v in sums.items()}
+        metrics["train/acc"] = correct / max(n_seen, 1)
+        metrics["lr"] = lr
+        return metrics
+
+    def fit(self) -> list[dict[str, float]]:
+        """Train (resuming if a matching checkpoint exists); leave the selected weights in ``method``."""
+        self.method.to(self.device)
+        self._resume()
+        stop = self.cfg.epochs
+        if self.cfg.stop_after_epochs is not None:
+            stop = min(stop, self.start_epoch + self.cfg.stop_after_epochs)
+        for epoch in range(self.start_epoch, stop):
+            t0 = time.perf_counter()
+            metrics = self._train_epoch(epoch)
+            if self.val_fn is not None:
+                self.method.eval()
+                metrics.update({f"val/{k}": v for k, v in self.val_fn(self.method).items()})
+            metrics["epoch_time_s"] = time.perf_counter() - t0
+            self.history.append({"epoch": epoch, **metrics})
+            if self.cfg.select == "best_val" and (self.best is None or metrics["val/acc"] > self.best["acc"]):
+                self.best = {"acc": metrics["val/acc"], "epoch": epoch,
+                             "method": {k: v.detach().clone() for k, v in self.method.state_dict().items()}}
+            if self.tracker is not None:
+                self.tracker.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=epoch)
+            logger.info("epoch %d/%d %s", epoch + 1, self.cfg.epochs,
+                        " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
+            if self.cfg.checkpoint_path is not None:
+                save_checkpoint(self.cfg.checkpoint_path, self._state(epoch + 1))
+        if stop == self.cfg.epochs and self.best is not None:
+            logger.info("selected epoch %d by validation accuracy %.4f", self.best["epoch"] + 1, self.best["acc"])
+            self.method.load_state_dict(self.best["method"])
+        self.method.eval()
+        return self.history
+
+    @property
+    def finished(self) -> bool:
+        return len(self.history) >= self.cfg.epochs

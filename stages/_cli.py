@@ -1,0 +1,65 @@
+"""What every stage script shares: logging, one-line errors with a non-zero exit, the tracker, the paths."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+DATA = Path("data")
+DATASET_DIR = DATA / "dataset"
+CHECKPOINTS = Path("checkpoints")
+
+# Errors a user can fix from the message alone: printed as one line, exit code 2, no traceback.
+_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError)
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=os.environ.get("LONGTAIL_LOG_LEVEL", "INFO"), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a missing pretrained weight fails at once, not after time-outs
+
+
+def run(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser) -> None:
+    """Parse arguments and run ``main``; user errors become ``error: <message>`` on stderr and exit code 2."""
+    setup_logging()
+    args = parser.parse_args()
+    try:
+        main(args)
+    except _USER_ERRORS as exc:
+        msg = str(exc).strip().strip('"').splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(2)
+
+
+def name_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--name", required=True, help="the entry's key in its params.yaml section")
+    return parser
+
+
+def build_context():
+    from pipeline.build import BuildContext
+    from pipeline.config import load_section
+
+    if not (DATASET_DIR / "manifest.json").is_file():
+        raise FileNotFoundError(f"{DATASET_DIR}/manifest.json not found: run the dataset stage first (dvc repro dataset)")
+    return BuildContext(dataset_dir=DATASET_DIR, data_root=DATA, dataset=load_section("dataset"))
+
+
+def train_stage(section: str, kind: str, args: argparse.Namespace) -> None:
+    """The teacher and student stages: train ``params.yaml[section][name]`` and write ``data/<section>/<name>``."""
+    from pipeline.config import as_dict, load_section
+    from pipeline.tracking import create_tracker
+    from pipeline.train.run import train_and_export
+
+    cfg = load_section(section, args.name)
+    ctx = build_context()
+    stop = int(os.environ["LONGTAIL_STOP_AFTER_EPOCHS"]) if os.environ.get("LONGTAIL_STOP_AFTER_EPOCHS") else None
+    tags = {"model": args.name, "method": cfg.method, "dataset": ctx.dataset.name}
+    with create_tracker(f"{kind}@{args.name}", f"{kind}-{args.name}", tags) as tracker:
+        tracker.log_params(as_dict(cfg))
+        train_and_export(cfg, ctx, DATA / section / args.name, CHECKPOINTS / section / args.name, tracker, stop)

@@ -1,0 +1,48 @@
+"""DVC stage ``evaluate``: compare every model's test predictions in one table, DVC metrics and plots."""
+
+import argparse
+import csv
+import shutil
+
+from stages._cli import DATA, DATASET_DIR, run
+
+REPORTS = DATA / "reports"
+
+
+def main(args: argparse.Namespace) -> None:
+    from pipeline.config import as_dict, load_section
+    from pipeline.data import load_manifest
+    from pipeline.evaluate.plots import plot_per_class_accuracy, plot_split_bars
+    from pipeline.evaluate.report import build_report, collect_outputs, per_class_rows, summary_markdown
+    from pipeline.io import write_json
+    from pipeline.tracking import create_tracker
+
+    cfg = load_section("evaluate")
+    manifest = load_manifest(str(DATASET_DIR))
+    report = build_report(*collect_outputs(DATA, cfg.ensembles), manifest)
+    REPORTS.mkdir(parents=True, exist_ok=True)
+    (REPORTS / "plots").mkdir(exist_ok=True)
+    summary = summary_markdown(report)
+    (REPORTS / "summary.md").write_text(summary)
+    write_json(REPORTS / "metrics.json", {k: report[k] for k in ("dataset", "models", "seeds")})
+    rows = per_class_rows(report, manifest["train_counts"])
+    with open(REPORTS / "per_class.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    top = dict(sorted(report["models"].items(), key=lambda kv: -kv[1]["all"])[: cfg.plots_top])
+    plot_per_class_accuracy({k: report["per_class"][k] for k in top}, manifest["train_counts"],
+                            REPORTS / "plots" / "per_class_accuracy.png")
+    plot_split_bars(top, REPORTS / "plots" / "split_accuracy.png")
+    shutil.copy(DATASET_DIR / "class_counts.png", REPORTS / "plots" / "class_counts.png")
+    print(summary)
+    with create_tracker("evaluate", "evaluate", {"dataset": manifest["source"]}) as tracker:
+        tracker.log_params(as_dict(cfg))
+        tracker.log_metrics({f"{m}/{g}".replace(":", "_"): v for m, acc in report["models"].items()
+                             for g, v in acc.items() if v == v})
+        for path in (REPORTS / "summary.md", REPORTS / "metrics.json", *sorted((REPORTS / "plots").glob("*.png"))):
+            tracker.log_artifact(str(path))
+
+
+if __name__ == "__main__":
+    run(main, argparse.ArgumentParser(description=__doc__))

@@ -1,0 +1,261 @@
+"""The Prefect flow over dvc.yaml on a toy DVC repo: stage graph, a full run, a no-op rerun, overrides.
+
+Guards the internal ``Repo().index.graph`` API the flow relies on against ``dvc stage list`` (DESIGN.md
+"Orchestration"). One session-scoped ``prefect_test_harness`` with a temporary PREFECT_HOME (ECOSYSTEM.md §2.2 CI
+recipe); MLflow tracking is off except in the test of the parent-child link, which uses a temp SQLite store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.pipeline
+
+PY = sys.executable
+
+# A 4-stage DAG: source → square@{a,b} (foreach over params) → total; `extra` is independent.
+STEP_PY = """import pathlib, sys
+op, *a = sys.argv[1:]
+P = pathlib.Path
+if op == "write":
+    P(a[0]).write_text(a[1])
+elif op == "mul":
+    P(a[2]).write_text(str(int(P(a[0]).read_text()) * int(a[1])))
+elif op == "sum":
+    P(a[-1]).write_text(str(sum(int(P(p).read_text()) for p in a[:-1])))
+"""
+DVC_YAML = textwrap.dedent(
+    f"""
+    stages:
+      source:
+        cmd: {PY} step.py write source.txt 3
+        deps:
+          - step.py
+        outs:
+          - source.txt
+      square:
+        foreach: ${{items}}
+        do:
+          cmd: {PY} step.py mul source.txt ${{item.k}} sq_${{key}}.txt
+          deps:
+            - step.py
+            - source.txt
+          params:
+            - items.${{key}}
+          outs:
+            - sq_${{key}}.txt
+      total:
+        cmd: {PY} step.py sum sq_a.txt sq_b.txt total.txt
+        deps:
+          - step.py
+          - sq_a.txt
+          - sq_b.txt
+        outs:
+          - total.txt
+      extra:
+        cmd: {PY} step.py write extra.txt x
+        outs:
+          - extra.txt
+    """
+)
+PARAMS = "items:\n  a:\n    k: 2\n  b:\n    k: 5\n"
+EXPECTED_UPSTREAM = {
+    "source": [],
+    "square@a": ["source"],
+    "square@b": ["source"],
+    "total": ["square@a", "square@b"],
+    "extra": [],
+}
+
+
+def _git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
+
+
+def _dvc(repo: Path, *args: str) -> str:
+    out = subprocess.run([PY, "-m", "dvc", *args], cwd=repo, check=True, capture_output=True, text=True)
+    return out.stdout
+
+
+@pytest.fixture(scope="module")
+def dvc_env():
+    """Environment for DVC and the flow; restored afterwards."""
+    keys = {
+        "DVC_NO_ANALYTICS": "1",
+        "LONGTAIL_TRACKING": "off",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    old = {k: os.environ.get(k) for k in keys}
+    os.environ.update(keys)
+    yield
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def prefect_harness(tmp_path_factory, dvc_env):
+    """One ephemeral Prefect server for the module, in a temporary PREFECT_HOME, analytics off."""
+    home = tmp_path_factory.mktemp("prefect_home")
+    env = {
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+        "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.3",
+        "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def toy_repo(tmp_path_factory, dvc_env) -> Path:
+    """A git + DVC repo with the toy dvc.yaml and params.yaml committed."""
+    repo = tmp_path_factory.mktemp("toy")
+    _git(repo, "init", "-q")
+    _dvc(repo, "init", "-q")
+    _dvc(repo, "config", "core.autostage", "false")
+    (repo / "dvc.yaml").write_text(DVC_YAML)
+    (repo / "params.yaml").write_text(PARAMS)
+    (repo / "step.py").write_text(STEP_PY)
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", "toy")
+    return repo
+
+
+def test_stage_graph_matches_dvc(toy_repo):
+    from pipeline.flow import stage_graph
+
+    graph = stage_graph(toy_repo)
+    listed = _dvc(toy_repo, "stage", "list", "--name-only").split()
+    assert sorted(graph) == sorted(listed)
+    assert graph == EXPECTED_UPSTREAM | {}  # same upstream edges
+    order = list(graph)
+    for name, ups in graph.items():  # topological: upstream first
+        assert all(order.index(u) < order.index(name) for u in ups)
+
+
+def test_select_stages_targets_and_groups(toy_repo):
+    from pipeline.flow import select_stages
+
+    graph = EXPECTED_UPSTREAM
+    assert set(select_stages(graph, ["square@b"])) == {"source", "square@b"}
+    assert set(select_stages(graph, ["square"])) == {"source", "square@a", "square@b"}
+    assert set(select_stages(graph, [])) == set(graph)
+    with pytest.raises(ValueError, match="valid stages: source"):
+        select_stages(graph, ["nope"])
+
+
+def test_parse_status():
+    from pipeline.flow import parse_status
+
+    assert parse_status("total", "Running stage 'total':\n> python ...") == "ran"
+    assert parse_status("total", "Stage 'total' didn't change, skipping") == "skipped"
+    assert parse_status("total", "Stage 'total' is cached - skipping run, checking out outputs") == "skipped"
+
+
+def test_flow_runs_all_then_nothing(toy_repo, prefect_harness):
+    from pipeline.flow import longtail_pipeline
+
+    first = longtail_pipeline(repo_root=str(toy_repo), max_parallel=2)
+    assert first == {name: "ran" for name in EXPECTED_UPSTREAM}
+    assert (toy_repo / "total.txt").read_text() == str(3 * 2 + 3 * 5)
+    assert json.loads(_dvc(toy_repo, "status", "--json")) == {}
+
+    second = longtail_pipeline(repo_root=str(toy_repo))
+    assert second == {name: "skipped" for name in EXPECTED_UPSTREAM}
+
+    # An override changes one foreach item: only it and what depends on it run.
+    third = longtail_pipeline(repo_root=str(toy_repo), overrides=["items.b.k=7"], targets=["total"])
+    assert third == {"source": "skipped", "square@a": "skipped", "square@b": "ran", "total": "ran"}
+    assert (toy_repo / "total.txt").read_text() == str(3 * 2 + 3 * 7)
+    assert "k: 7" in (toy_repo / "params.yaml").read_text()
+    assert json.loads(_dvc(toy_repo, "status", "--json")) == {}
+
+
+def test_retry_condition_only_for_lock_errors():
+    from prefect.states import Failed
+
+    from pipeline.flow import StageFailedError, StageLockError, _retry_on_lock_error
+
+    assert _retry_on_lock_error(None, None, Failed(data=StageLockError("busy"))) is True
+    assert _retry_on_lock_error(None, None, Failed(data=StageFailedError("exit 1"))) is False
+
+
+def test_lock_error_is_detected(toy_repo, prefect_harness):
+    """A live process holding the stage's output in DVC's rwlock → StageLockError (the retriable kind)."""
+    from pipeline.flow import StageLockError, repro_stage
+
+    blocker = subprocess.Popen([PY, "-c", "import time; time.sleep(60)"])
+    rwlock = toy_repo / ".dvc" / "tmp" / "rwlock"
+    try:
+        rwlock.write_text(json.dumps({"write": {str(toy_repo / "extra.txt"): {"pid": blocker.pid, "cmd": "x"}}}))
+        with pytest.raises(StageLockError, match="is busy"):
+            repro_stage.with_options(retries=0)("extra", str(toy_repo), True)
+    finally:
+        blocker.kill()
+        blocker.wait()
+        rwlock.unlink(missing_ok=True)
+
+
+def test_failing_stage_is_not_retried_and_stops_downstream(tmp_path, dvc_env, prefect_harness):
+    from pipeline.flow import StageFailedError, longtail_pipeline
+
+    repo = tmp_path / "failing"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    _dvc(repo, "init", "-q")
+    (repo / "dvc.yaml").write_text(
+        textwrap.dedent(
+            f"""
+            stages:
+              fail:
+                cmd: {PY} -c "open('attempts.log', 'a').write('x'); raise SystemExit(3)"
+                outs:
+                  - fail.txt
+              after:
+                cmd: {PY} -c "open('after.txt', 'w').write('x')"
+                deps:
+                  - fail.txt
+                outs:
+                  - after.txt
+            """
+        )
+    )
+    with pytest.raises(StageFailedError, match="fail"):
+        longtail_pipeline(repo_root=str(repo))
+    assert (repo / "attempts.log").read_text() == "x"  # ran once: a failing command is not retried
+    assert not (repo / "after.txt").exists()
+
+
+def test_flow_parameter_schema_has_descriptions():
+    from prefect.utilities.callables import parameter_schema
+
+    from pipeline.flow import longtail_pipeline
+
+    schema = parameter_schema(longtail_pipeline).model_dump_for_openapi()
+    props = schema["properties"]
+    assert {"overrides", "targets", "force", "max_parallel"} <= set(props)
+    assert "dvc exp run -S" in props["overrides"]["description"]
+    assert props["max_parallel"]["minimum"] == 1 and props["max_parallel"]["default"] == 2

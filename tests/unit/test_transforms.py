@@ -1,0 +1,68 @@
+"""Transforms: every registered one maps a uint8 image to a normalized (3, S, S) float tensor; test is exact."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.data.transforms import CIFAR_MEAN, CIFAR_STD, TRANSFORMS, Cutout, create_transform
+from pipeline.registry import UnknownNameError
+
+IMG = np.random.default_rng(0).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("name", TRANSFORMS.names())
+@pytest.mark.parametrize("size, src", [(32, 32), (32, 20), (96, 120)])
+def test_every_transform_gives_a_normalized_chw_tensor(name, size, src):
+    img = np.random.default_rng(1).integers(0, 256, size=(src, src + 4, 3), dtype=np.uint8)
+    t = create_transform(name, image_size=size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    torch.manual_seed(0)
+    for x in (img, Image.fromarray(img)):
+        out = t(x)
+        assert type(out) is torch.Tensor and out.dtype == torch.float32 and out.shape == (3, size, size)
+        assert out.min() >= -1.5 and out.max() <= 1.5  # [0,1] -> [-1,1] (+ small noise at most)
+
+
+def test_test_transform_is_exact_and_deterministic():
+    t = create_transform("test", image_size=32, mean=CIFAR_MEAN, std=CIFAR_STD)
+    a, b = t(IMG), t(IMG)
+    assert torch.equal(a, b)
+    ref = (
+        torch.from_numpy(IMG).permute(2, 0, 1).float() / 255 - torch.tensor(CIFAR_MEAN)[:, None, None]
+    ) / torch.tensor(CIFAR_STD)[:, None, None]
+    torch.testing.assert_close(a, ref)
+    big = create_transform("test", image_size=224, mean=(0, 0, 0), std=(1, 1, 1))
+    x = np.zeros((300, 400, 3), np.uint8)
+    x[:, 200:] = 255  # right half white: after Resize(256) + CenterCrop(224) the crop straddles the edge
+    y = big(x)
+    assert y.shape == (3, 224, 224) and torch.equal(y, big(x))
+    assert y[:, :, 0].max() == 0 and y[:, :, -1].min() == 1
+
+
+def test_standard_keeps_pixels_of_the_image():
+    t = create_transform("standard", image_size=32, mean=(0, 0, 0), std=(1, 1, 1))
+    torch.manual_seed(0)
+    out = t(np.full((32, 32, 3), 255, np.uint8))
+    # RandomCrop with zero padding 4: only values 1 (image) and 0 (padding), at most 4 padded rows/cols per side
+    assert set(out.unique().tolist()) <= {0.0, 1.0} and (out == 1).float().mean() >= (28 / 32) ** 2
+
+
+def test_cutout_zeroes_a_clipped_square():
+    torch.manual_seed(0)
+    out = Cutout(1, 16)(torch.ones(3, 32, 32))
+    zeros = (out[0] == 0).sum().item()
+    assert 64 <= zeros <= 256 and torch.equal(out[0] == 0, out[2] == 0)
+
+
+def test_cbd_noise_option_changes_output():
+    kw = dict(image_size=32, mean=(0, 0, 0), std=(1, 1, 1))
+    torch.manual_seed(0)
+    a = create_transform("cbd_augmented", **kw)(IMG)
+    torch.manual_seed(0)
+    b = create_transform("cbd_augmented", gaussian_noise_std=0.01, **kw)(IMG)
+    assert 0.001 < (a - b).std().item() < 0.05
+
+
+def test_unknown_transform():
+    with pytest.raises(UnknownNameError, match="standard"):
+        create_transform("autoaugment", image_size=32, mean=CIFAR_MEAN, std=CIFAR_STD)

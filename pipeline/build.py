@@ -160,6 +160,18 @@ def _build_cbd(cfg: TrainConfig, ctx: BuildContext) -> Method:
     return CBD(Network(spec), teachers, **args)
 
 
+@METHOD_BUILDERS.register("paco")
+def _build_paco(cfg: TrainConfig, ctx: BuildContext) -> Method:
+    from pipeline.train.methods import PaCo
+
+    if len(cfg.transforms) != 2:
+        raise ConfigError(f"method paco needs two transforms (query, key), got {cfg.transforms}")
+    if not cfg.drop_last:
+        raise ConfigError("method paco needs drop_last: true (the queue size must be a multiple of the batch size)")
+    return PaCo(Network(network_spec(cfg.model, ctx.num_classes)), ctx.class_counts, batch_size=cfg.batch_size,
+                **cfg.method_args)
+
+
 def create_method(cfg: TrainConfig, ctx: BuildContext) -> Method:
     return METHOD_BUILDERS.create(cfg.method, cfg=cfg, ctx=ctx)
 

@@ -123,6 +123,28 @@ class RebalanceConfig:
 
 
 @dataclass
+class EncoderConfig:
+    type: str = "teacher"  # teacher | timm | open_clip
+    model: str = "ce"  # teacher name (data/teachers/<model>) or a timm / open_clip model id
+    checkpoint_file: str | None = None  # local weights (timm file; open_clip file or tag)
+
+
+@dataclass
+class IndexConfig:
+    """One ``index.<name>`` entry: a retrieval memory over frozen-encoder embeddings of the train split."""
+
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    kind: str = "hnsw"  # hnsw | exact
+    metric: str = "cosine"  # cosine | l2 | ip
+    M: int = 32
+    ef_construction: int = 200
+    ef_search: int = 128
+    k: int = 30
+    split: str = "train"
+    batch_size: int = 256
+
+
+@dataclass
 class EvaluateConfig:
     ensembles: dict[str, list[str]] = field(default_factory=dict)
     plots_top: int = 8
@@ -132,6 +154,7 @@ SCHEMAS: dict[str, type] = {
     "dataset": DatasetConfig,
     "teachers": TrainConfig,
     "students": TrainConfig,
+    "index": IndexConfig,
     "rebalance": RebalanceConfig,
     "evaluate": EvaluateConfig,
 }

@@ -24,8 +24,6 @@ CLI: ``python -m pipeline.flow run [-S key=value ...] [-t target ...] [--force] 
 Prefect); ``python -m pipeline.flow serve`` serves the deployment ``longtail-pipeline/longtail`` for the UI.
 """
 
-from __future__ import annotations
-
 import argparse
 import logging
 import os
@@ -338,12 +336,15 @@ def longtail_pipeline(
 ) -> dict[str, StageStatus]:
     """Reproduce the DVC pipeline (or ``targets``), one Prefect task per stage, independent stages in parallel.
 
+    Prefect shows these descriptions in the deployment's run form.
+
     Args:
-        overrides: Hydra overrides applied to params.yaml as ``dvc exp run -S`` does.
-        targets: stages or stage groups to reproduce with their upstream; empty = all.
-        force: run the selected stages even when up to date.
-        max_parallel: maximum number of stages running at once.
-        repo_root: DVC repository root (default: found from the working directory).
+        overrides: Hydra overrides applied to params.yaml the way `dvc exp run -S` applies them, e.g.
+            `dataset=cifar10_lt` or `teachers.r32.epochs=5`; empty leaves params.yaml untouched.
+        targets: Stages (or foreach groups such as `teacher`) to reproduce, with everything upstream; empty = all.
+        force: Run the selected stages even when DVC finds them up to date.
+        max_parallel: Maximum number of stages running at the same time.
+        repo_root: DVC repository root; default: the repository of the working directory.
 
     Returns:
         ``{stage: 'ran' | 'skipped'}`` in execution order.

@@ -42,10 +42,17 @@ done
 PIDS=()
 cleanup() {
   trap - EXIT INT TERM
-  echo "ui.sh: stopping servers" >&2
+  echo "ui.sh: stopping the flow server and the UIs" >&2
+  local pid t
   for pid in "${PIDS[@]}"; do
-    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true  # whole group: uvicorn workers too
+    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true  # whole group: workers too
   done
+  for t in $(seq 20); do  # 10 s grace, then SIGKILL what is left
+    for pid in "${PIDS[@]}"; do kill -0 -- "-$pid" 2>/dev/null && break; pid=""; done
+    [[ -z "${pid:-}" ]] && break
+    sleep 0.5
+  done
+  for pid in "${PIDS[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
 }
 trap cleanup EXIT INT TERM
@@ -53,7 +60,8 @@ trap cleanup EXIT INT TERM
 # setsid: each server leads its own process group, so cleanup can stop its workers with it.
 setsid "$PY" -m prefect server start --host 127.0.0.1 --port "$PREFECT_PORT" >"$LOG_DIR/prefect-server.log" 2>&1 &
 PIDS+=("$!")
-setsid "$PY" -m mlflow server --backend-store-uri "sqlite:///$ROOT/mlflow.db" --host 127.0.0.1 --port "$MLFLOW_PORT" \
+# MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false: no huey job consumers (7 processes, for GenAI jobs this project never uses).
+MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false setsid "$PY" -m mlflow server --backend-store-uri "sqlite:///$ROOT/mlflow.db" --host 127.0.0.1 --port "$MLFLOW_PORT" \
   --workers 1 >"$LOG_DIR/mlflow-server.log" 2>&1 &
 PIDS+=("$!")
 
@@ -84,5 +92,8 @@ cat <<EOF
 
 EOF
 
-# Foreground: registers the deployment and runs triggered flow runs in subprocesses until Ctrl-C.
-"$PY" -m pipeline.flow serve
+# Registers the deployment and runs triggered flow runs in subprocesses until Ctrl-C. It runs in the background and
+# the script waits on it, so a SIGTERM/SIGINT to this script reaches the trap at once.
+setsid "$PY" -m pipeline.flow serve &
+PIDS+=("$!")
+wait "${PIDS[2]}"

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 GROUPS = ("all", "many", "medium", "few")
 
 
-def _save(fig: "plt.Figure", path: str | os.PathLike) -> Path:
+def _save(fig: plt.Figure, path: str | os.PathLike) -> Path:
     """Write the figure atomically (temporary name, then rename) and close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

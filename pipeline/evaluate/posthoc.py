@@ -73,7 +73,9 @@ def tau_sweep(
     """
     missing = set(features_by_split) ^ set(labels_by_split)
     if missing:
-        raise ValueError(f"features_by_split and labels_by_split must have the same splits; mismatch: {sorted(missing)}")
+        raise ValueError(
+            f"features_by_split and labels_by_split must have the same splits; mismatch: {sorted(missing)}"
+        )
     w = _float(weight)  # (C, D)
     if w.ndim != 2 or w.shape[0] != len(train_counts):
         raise ValueError(f"weight must be (C, D) with C={len(train_counts)} classes; got shape {w.shape}")
@@ -150,7 +152,9 @@ def ncm_centroids(
     if len(counts) > num_classes:
         raise ValueError(f"train_labels contain class {y.max()} but num_classes={num_classes}")
     if (counts == 0).any():
-        raise ValueError(f"classes without training samples have no NCM centroid: {np.flatnonzero(counts == 0).tolist()}")
+        raise ValueError(
+            f"classes without training samples have no NCM centroid: {np.flatnonzero(counts == 0).tolist()}"
+        )
     sums = np.zeros((num_classes, x.shape[1]), dtype=np.float64)
     np.add.at(sums, y, z)
     centroids = (sums / counts[:, None]).astype(x.dtype)  # (C, D)

@@ -6,7 +6,7 @@ randomly initialised CLIP text tower or random bag-of-words embeddings as T (bot
 
 Every image encoder exposes ``encode(images) -> (B, D)`` on preprocessed float images (B, 3, H, W), ``preprocess(uint8
 (B, H, W, 3)) -> (B, 3, H, W)`` (resize to the model's input size and normalise with its mean/std) and ``dim``.
-Offline (``HF_HUB_OFFLINE=1`` or no network), a pretrained tag without a local file fails at once with one line saying so.
+Offline (``HF_HUB_OFFLINE=1``), a pretrained tag without a local file or cached copy fails at once, in one line.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pipeline.registry import Registry
 
 logger = logging.getLogger(__name__)
 
-ENCODERS: Registry["ImageEncoder"] = Registry("encoder")
+ENCODERS: Registry[ImageEncoder] = Registry("encoder")
 TEXT_KINDS = ("open_clip", "random_bow")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -59,7 +59,7 @@ class ImageEncoder(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
-    def train(self, mode: bool = True) -> "ImageEncoder":
+    def train(self, mode: bool = True) -> ImageEncoder:
         # Frozen encoder: always in eval mode (BN statistics and dropout never change).
         return super().train(False)
 
@@ -94,24 +94,33 @@ class _ForwardFeatures(ImageEncoder):
 
 
 @ENCODERS.register("teacher")
-def teacher_encoder(model_dir: str | os.PathLike, **_: object) -> ImageEncoder:
+def teacher_encoder(
+    model_dir: str | os.PathLike,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    input_size: tuple[int, int] | None = None,
+    **_: object,
+) -> ImageEncoder:
     """A model trained by this pipeline: ``<model_dir>/model.pt`` + ``model.json`` via ``load_network``.
 
     Args:
         model_dir: e.g. ``data/teachers/<name>``.
+        mean: normalisation the teacher was trained with (the dataset's); default: its backbone's timm config.
+        std: as ``mean``.
+        input_size: (H, W) to resize to; default: the backbone's timm config, else the images' own size.
     """
     from pipeline.models.network import load_network  # lazy: the models package imports much more
 
-    model_dir = Path(model_dir)
-    if not (model_dir / "model.pt").exists():
-        raise FileNotFoundError(f"teacher encoder: {model_dir / 'model.pt'} not found; run the teacher stage first")
     model = load_network(model_dir)
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    dim = getattr(model, "num_features", None) or getattr(model, "embed_dim", None)
+    backbone = getattr(model, "backbone", model)
+    cfg = getattr(backbone, "pretrained_cfg", None) or {}
+    dim = getattr(model, "feature_dim", None) or getattr(model, "num_features", None)
     if dim is None:
-        raise ValueError(f"teacher encoder: the network from {model_dir} has no num_features/embed_dim attribute")
-    input_size = tuple(cfg["input_size"][-2:]) if "input_size" in cfg else None
-    return _ForwardFeatures(model, dim, input_size, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
+        raise ValueError(f"teacher encoder: the network from {model_dir} has no feature_dim/num_features attribute")
+    size = input_size or (tuple(cfg["input_size"][-2:]) if "input_size" in cfg else None)
+    return _ForwardFeatures(
+        model, dim, size, mean or cfg.get("mean", IMAGENET_MEAN), std or cfg.get("std", IMAGENET_STD)
+    )
 
 
 def _offline() -> bool:
@@ -139,20 +148,28 @@ def timm_encoder(
         pretrained = True
     if pretrained and checkpoint_file is None and _offline() and not _timm_weights_cached(model):
         # huggingface_hub reads HF_HUB_OFFLINE only when imported; check the cache ourselves to fail at once.
-        raise RuntimeError(f"timm encoder {model!r}: pretrained weights are offline (HF_HUB_OFFLINE=1) and not cached; "
-                           f"pass checkpoint_file=/path/to/weights or use the 'teacher' encoder")
+        raise RuntimeError(
+            f"timm encoder {model!r}: pretrained weights are offline (HF_HUB_OFFLINE=1) and not cached; "
+            f"pass checkpoint_file=/path/to/weights or use the 'teacher' encoder"
+        )
     try:
         net = timm.create_model(model, pretrained=pretrained, num_classes=0, **kwargs)
     except Exception as err:  # noqa: BLE001 - hub errors differ by version; re-raised with the fix
         if pretrained and checkpoint_file is None:
             where = "offline (HF_HUB_OFFLINE=1)" if _offline() else "not downloadable"
-            raise RuntimeError(f"timm encoder {model!r}: pretrained weights are {where} and not cached; "
-                               f"pass checkpoint_file=/path/to/weights or use the 'teacher' encoder ({err.__class__.__name__})"
-                               ) from err
+            raise RuntimeError(
+                f"timm encoder {model!r}: pretrained weights are {where} and not cached; "
+                f"pass checkpoint_file=/path/to/weights or use the 'teacher' encoder ({err.__class__.__name__})"
+            ) from err
         raise
     cfg = net.pretrained_cfg or {}
-    return ImageEncoder(_TimmFeatures(net), net.num_features, tuple(cfg.get("input_size", (3, 224, 224))[-2:]),
-                        cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
+    return ImageEncoder(
+        _TimmFeatures(net),
+        net.num_features,
+        tuple(cfg.get("input_size", (3, 224, 224))[-2:]),
+        cfg.get("mean", IMAGENET_MEAN),
+        cfg.get("std", IMAGENET_STD),
+    )
 
 
 def _timm_weights_cached(model: str) -> bool:
@@ -189,17 +206,22 @@ def _create_open_clip(model: str, pretrained: str | os.PathLike | None) -> nn.Mo
     import open_clip
 
     if pretrained is not None and not Path(pretrained).exists() and _offline():
-        raise RuntimeError(f"open_clip encoder {model!r}: pretrained tag {pretrained!r} cannot be downloaded offline "
-                           f"(HF_HUB_OFFLINE=1); pass a local weights file as pretrained=/path/to/model.pt")
+        raise RuntimeError(
+            f"open_clip encoder {model!r}: pretrained tag {pretrained!r} cannot be downloaded offline "
+            f"(HF_HUB_OFFLINE=1); pass a local weights file as pretrained=/path/to/model.pt"
+        )
     if pretrained is None:
         logger.warning("open_clip %s: no pretrained weights given; using a randomly initialised model", model)
     try:
         # pretrained_text=False: never fetch HF text-tower weights behind our back (ECOSYSTEM.md §7).
-        return open_clip.create_model(model, pretrained=None if pretrained is None else str(pretrained),
-                                      pretrained_text=False)
+        return open_clip.create_model(
+            model, pretrained=None if pretrained is None else str(pretrained), pretrained_text=False
+        )
     except RuntimeError as err:
-        raise RuntimeError(f"open_clip encoder {model!r}: pretrained {pretrained!r} is not available ({err}); "
-                           f"pass a local weights file as pretrained=/path/to/model.pt") from err
+        raise RuntimeError(
+            f"open_clip encoder {model!r}: pretrained {pretrained!r} is not available ({err}); "
+            f"pass a local weights file as pretrained=/path/to/model.pt"
+        ) from err
 
 
 class _ClipImage(nn.Module):
@@ -223,9 +245,16 @@ def open_clip_encoder(model: str, pretrained: str | os.PathLike | None = None, *
     cfg = getattr(clip.visual, "preprocess_cfg", {}) or {}
     size = getattr(clip.visual, "image_size", 224)
     size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
-    dim = clip.text_projection.shape[1] if getattr(clip, "text_projection", None) is not None else clip.visual.output_dim
-    return ImageEncoder(_ClipImage(clip), dim, size, cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)),
-                        cfg.get("std", (0.26862954, 0.26130258, 0.27577711)))
+    dim = (
+        clip.text_projection.shape[1] if getattr(clip, "text_projection", None) is not None else clip.visual.output_dim
+    )
+    return ImageEncoder(
+        _ClipImage(clip),
+        dim,
+        size,
+        cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)),
+        cfg.get("std", (0.26862954, 0.26130258, 0.27577711)),
+    )
 
 
 def create_encoder(name: str, /, **kwargs: object) -> ImageEncoder:
@@ -253,7 +282,8 @@ def encode_texts(
 
     Args:
         texts: one string per label (class names).
-        kind: ``"random_bow"``: mean of fixed random word vectors (uniform [0, 1), one per lower-cased word; RAC Fig. 4);
+        kind: ``"random_bow"``: mean of fixed random word vectors (uniform [0, 1), one per lower-cased word, RAC
+            Fig. 4);
             ``"open_clip"``: the text tower of ``model`` (unit-norm), from ``pretrained`` (local file) or random.
         dim: embedding size for ``random_bow`` (RAC: 300); ignored by ``open_clip`` (its width decides).
         seed: seed of the random word vectors (and of the random text tower).
@@ -325,3 +355,58 @@ def encode_images(
         out[start:stop] = encoder.encode(encoder.preprocess(batch)).cpu().numpy()
         logger.debug("encoded %d/%d images", stop, n)
     return out
+
+
+def split_features(
+    dataset_dir: str | os.PathLike,
+    encoder_type: str,
+    model: str,
+    *,
+    checkpoint_file: str | None = None,
+    teacher_dir: str | os.PathLike | None = None,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+) -> dict[str, dict[str, np.ndarray]]:
+    """Features, labels and ids of the non-empty train / val / test splits of a saved dataset.
+
+    For ``encoder_type="teacher"`` the teacher's ``features.npz`` (train / val / test embeddings under the test
+    transform, written by its stage) is reused instead of re-encoding; its labels must match the dataset's. Other
+    encoders (``timm``, ``open_clip``) encode the images.
+
+    Args:
+        dataset_dir: the dataset stage's output directory.
+        encoder_type: ``teacher``, ``timm`` or ``open_clip``.
+        model: timm / open_clip model id (ignored for ``teacher``).
+        checkpoint_file: local weights (timm ``checkpoint_file``; open_clip file or tag).
+        teacher_dir: the teacher's output directory (``teacher`` only).
+        batch_size: images per forward pass.
+        device: where the encoder runs (default: CUDA when available).
+
+    Returns:
+        ``{split: {"features" (N, D), "labels" (N,), "ids" (N,)}}``.
+    """
+    from pipeline.data.datasets import load_split  # lazy: the data package pulls in torchvision
+
+    splits = {s: load_split(str(dataset_dir), s) for s in ("train", "val", "test")}
+    splits = {s: d for s, d in splits.items() if len(d.labels)}
+    if encoder_type == "teacher":
+        from pipeline.evaluate.predict import load_features
+
+        if teacher_dir is None:
+            raise ValueError("split_features: encoder_type='teacher' needs teacher_dir")
+        feats = load_features(teacher_dir)
+        for s, d in splits.items():
+            if s not in feats or not np.array_equal(feats.get(f"{s}_labels"), d.labels):
+                raise ValueError(
+                    f"{teacher_dir}/features.npz: the {s} split is missing or its labels differ from "
+                    f"{dataset_dir}; rerun the teacher stage"
+                )
+    else:
+        kw = {"checkpoint_file": checkpoint_file} if encoder_type == "timm" else {"pretrained": checkpoint_file}
+        encoder = create_encoder(encoder_type, model=model, **kw)
+        device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        feats = {
+            s: encode_images(encoder, images=d.images, paths=d.paths, root=d.root, batch_size=batch_size, device=device)
+            for s, d in splits.items()
+        }
+    return {s: {"features": feats[s], "labels": d.labels, "ids": d.ids} for s, d in splits.items()}

@@ -81,7 +81,7 @@ def build_index(
         ef_construction: HNSW build beam width (faiss default 40), set before ``add``.
         ef_search: HNSW search beam width (faiss default 16).
         use_gpu: None = on a GPU when possible; an exact index moves to the GPU only with a faiss-gpu build and a GPU.
-        ids: optional int64 ids (N,) stored in the index (``IndexIDMap2``); without them the index returns row positions.
+        ids: optional int64 ids (N,) stored in the index (``IndexIDMap2``); without them it returns row positions.
 
     Returns:
         The faiss index, already filled.
@@ -100,8 +100,11 @@ def build_index(
     wants_gpu = use_gpu if use_gpu is not None else True
     on_gpu = wants_gpu and kind == "exact" and gpu_available()
     if use_gpu and not on_gpu:
-        logger.warning("GPU index requested but unavailable (kind=%s, faiss GPU build=%s); using the CPU",
-                       kind, hasattr(faiss, "StandardGpuResources"))
+        logger.warning(
+            "GPU index requested but unavailable (kind=%s, faiss GPU build=%s); using the CPU",
+            kind,
+            hasattr(faiss, "StandardGpuResources"),
+        )
     if on_gpu:
         resources = faiss.StandardGpuResources()
         index = faiss.index_cpu_to_gpu(resources, 0, index)
@@ -212,7 +215,7 @@ def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> float:
     exact = np.asarray(exact_ids)[:, :k]
     if approx.shape != exact.shape:
         raise ValueError(f"approx_ids {approx.shape} and exact_ids {exact.shape} differ after taking the first k={k}")
-    hits = [len(np.intersect1d(a[a >= 0], e[e >= 0])) for a, e in zip(approx, exact)]
+    hits = [len(np.intersect1d(a[a >= 0], e[e >= 0])) for a, e in zip(approx, exact, strict=True)]
     return float(np.mean(hits) / k) if hits else float("nan")
 
 
@@ -247,10 +250,12 @@ class RetrievalMemory:
         kind: str = "hnsw",
         metric: str = "cosine",
         **index_kwargs: object,
-    ) -> "RetrievalMemory":
+    ) -> RetrievalMemory:
         """Build the index over ``vectors`` (N, D) and keep ``ids`` and ``labels`` (N,)."""
         index = build_index(vectors, kind=kind, metric=metric, **index_kwargs)  # type: ignore[arg-type]
-        return cls(index, np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64), list(texts), metric, kind)
+        return cls(
+            index, np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64), list(texts), metric, kind
+        )
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
@@ -259,8 +264,13 @@ class RetrievalMemory:
         self, queries: np.ndarray, k: int, exclude_ids: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """k nearest memory entries: ``(distances (Q, k), ids (Q, k), labels (Q, k))``; see :func:`search`."""
-        distances, rows = search(self.index, queries, k, metric=self.metric, exclude_ids=None if exclude_ids is None
-                                 else self._rows_of(exclude_ids))
+        distances, rows = search(
+            self.index,
+            queries,
+            k,
+            metric=self.metric,
+            exclude_ids=None if exclude_ids is None else self._rows_of(exclude_ids),
+        )
         rows_safe = np.clip(rows, 0, None)
         ids = np.where(rows >= 0, self.ids[rows_safe], -1)
         labels = np.where(rows >= 0, self.labels[rows_safe], -1)
@@ -294,12 +304,14 @@ class RetrievalMemory:
         return directory
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> "RetrievalMemory":
+    def load(cls, directory: str | os.PathLike) -> RetrievalMemory:
         """Read a memory written by :meth:`save` (always onto the CPU)."""
         directory = Path(directory)
         missing = [f for f in (INDEX_FILE, ARRAYS_FILE, TEXTS_FILE, META_FILE) if not (directory / f).exists()]
         if missing:
-            raise FileNotFoundError(f"retrieval memory {directory} lacks {missing}; build it with `python -m stages.index`")
+            raise FileNotFoundError(
+                f"retrieval memory {directory} lacks {missing}; build it with `python -m stages.index`"
+            )
         index = faiss.read_index(str(directory / INDEX_FILE))
         arrays = np.load(directory / ARRAYS_FILE)
         meta = json.loads((directory / META_FILE).read_text())
@@ -352,16 +364,28 @@ def build_memory_stats(
         raise ValueError(f"k={k} exceeds the index size {size} minus the excluded query (use k <= {size - 1})")
     index_kwargs = dict(M=M, ef_construction=ef_construction, ef_search=ef_search, use_gpu=use_gpu)
     start = time.perf_counter()
-    memory = RetrievalMemory.build(train["features"], train["ids"], train["labels"], texts, kind=kind, metric=metric,
-                                   **index_kwargs)
+    memory = RetrievalMemory.build(
+        train["features"], train["ids"], train["labels"], texts, kind=kind, metric=metric, **index_kwargs
+    )
     build_time = time.perf_counter() - start
     start = time.perf_counter()
-    exact = RetrievalMemory.build(train["features"], train["ids"], train["labels"], texts, kind="exact", metric=metric,
-                                  use_gpu=use_gpu)
+    exact = RetrievalMemory.build(
+        train["features"], train["ids"], train["labels"], texts, kind="exact", metric=metric, use_gpu=use_gpu
+    )
     exact_time = time.perf_counter() - start
-    stats: dict = {"size": size, "dim": int(np.asarray(train["features"]).shape[1]), "kind": kind, "metric": metric,
-                   "k": k, "M": M, "ef_construction": ef_construction, "ef_search": ef_search,
-                   "build_time_s": build_time, "exact_build_time_s": exact_time, "splits": {}}
+    stats: dict = {
+        "size": size,
+        "dim": int(np.asarray(train["features"]).shape[1]),
+        "kind": kind,
+        "metric": metric,
+        "k": k,
+        "M": M,
+        "ef_construction": ef_construction,
+        "ef_search": ef_search,
+        "build_time_s": build_time,
+        "exact_build_time_s": exact_time,
+        "splits": {},
+    }
     predictions: dict[str, np.ndarray] = {}
     splits = {"train": {**train, "exclude": train["ids"]}, **eval_splits}
     for split, data in splits.items():
@@ -386,6 +410,12 @@ def build_memory_stats(
         }
         if split != "train":  # the layout of a teacher's predictions.npz (pipeline.evaluate.predict)
             predictions.update({f"{split}/knn": votes, f"{split}/nn": nn, f"{split}_labels": labels})
-        logger.info("%s: recall@%d=%.4f nn=%.4f knn=%.4f", split, k, stats["splits"][split][f"recall_at_{k}"],
-                    stats["splits"][split]["nn"]["all"], stats["splits"][split]["knn"]["all"])
+        logger.info(
+            "%s: recall@%d=%.4f nn=%.4f knn=%.4f",
+            split,
+            k,
+            stats["splits"][split][f"recall_at_{k}"],
+            stats["splits"][split]["nn"]["all"],
+            stats["splits"][split]["knn"]["all"],
+        )
     return memory, stats, predictions

@@ -114,20 +114,22 @@ class LWSHead(nn.Module):
     """Learnable weight scaling: ``(W x + b) ⊙ s`` with W, b frozen and s initialised to ones (§5.5).
 
     As in the official ``TauNormClassifier`` the bias is kept and scaled too (the paper's formula has none).
+    ``base`` is the spec of the frozen head (default a linear layer with bias); a cosine head works the same way.
     """
 
-    def __init__(self, in_features: int, num_classes: int, bias: bool = True) -> None:
+    def __init__(self, in_features: int, num_classes: int, base: dict | None = None) -> None:
         super().__init__()
-        self.fc = nn.Linear(in_features, num_classes, bias=bias)
+        base = dict(base or {"name": "linear"})
+        self.fc = HEADS.create(base.pop("name"), in_features=in_features, num_classes=num_classes, **base)
         self.fc.requires_grad_(False)
         self.scales = nn.Parameter(torch.ones(num_classes))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc(x) * self.scales
+        return self.fc(x) * self.scales  # (B, C)
 
     @property
     def class_weight(self) -> Tensor:
-        return self.fc.weight * self.scales[:, None]
+        return class_weight(self.fc) * self.scales[:, None]
 
 
 @HEADS.register("ncm")

@@ -194,6 +194,33 @@ def test_flow_runs_all_then_nothing(toy_repo, prefect_harness):
     assert json.loads(_dvc(toy_repo, "status", "--json")) == {}
 
 
+def test_apply_overrides_like_dvc_exp_run(tmp_path, dvc_env):
+    """Hydra on: params.yaml is recomposed from conf/ + overrides (dvc's compose_and_dump); empty = untouched."""
+    from pipeline.flow import apply_overrides
+
+    repo = tmp_path / "hydra"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    _dvc(repo, "init", "-q")
+    _dvc(repo, "config", "hydra.enabled", "true")
+    (repo / "conf" / "model").mkdir(parents=True)
+    (repo / "conf" / "config.yaml").write_text("defaults:\n  - model: small\n  - _self_\nseed: 0\n")
+    (repo / "conf" / "model" / "small.yaml").write_text("width: 8\ndepth: 2\n")
+    (repo / "conf" / "model" / "big.yaml").write_text("width: 64\ndepth: 4\n")
+    params = repo / "params.yaml"
+    params.write_text("hand: edited\n")
+
+    apply_overrides(repo, [])
+    assert params.read_text() == "hand: edited\n"
+
+    apply_overrides(repo, ["model=big", "seed=3", "+extra.lr=0.1"])
+    import yaml
+
+    assert yaml.safe_load(params.read_text()) == {"model": {"width": 64, "depth": 4}, "seed": 3, "extra": {"lr": 0.1}}
+    with pytest.raises(ValueError, match="Sweep overrides"):
+        apply_overrides(repo, ["seed=1,2"])
+
+
 def test_retry_condition_only_for_lock_errors():
     from prefect.states import Failed
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.evaluate.metrics import shot_accuracy
 from pipeline.index import encoders
 from pipeline.index.memory import (
     RetrievalMemory,
@@ -16,7 +17,6 @@ from pipeline.index.memory import (
     recall_at_k,
     search,
 )
-from pipeline.evaluate.metrics import shot_accuracy
 from pipeline.registry import UnknownNameError
 
 
@@ -107,14 +107,23 @@ def test_knn_vote_and_tie_break():
 def test_save_load_round_trip(tmp_path, data):
     db, q = data
     labels = np.arange(len(db)) % 7
-    memory = RetrievalMemory.build(db, np.arange(len(db)) + 1000, labels, [f"c{i}" for i in range(7)],
-                                   kind="hnsw", metric="cosine", M=16, ef_construction=64, ef_search=32)
+    memory = RetrievalMemory.build(
+        db,
+        np.arange(len(db)) + 1000,
+        labels,
+        [f"c{i}" for i in range(7)],
+        kind="hnsw",
+        metric="cosine",
+        M=16,
+        ef_construction=64,
+        ef_search=32,
+    )
     before = memory.search(q, 5)
     memory.save(tmp_path / "mem")
     memory.save(tmp_path / "mem")  # overwriting an existing memory is atomic too
     loaded = RetrievalMemory.load(tmp_path / "mem")
     after = loaded.search(q, 5)
-    for a, b in zip(before, after):
+    for a, b in zip(before, after, strict=True):
         np.testing.assert_array_equal(a, b)
     assert loaded.texts == memory.texts and loaded.metric == "cosine" and loaded.kind == "hnsw"
     assert loaded.index.hnsw.efSearch == 32
@@ -129,9 +138,16 @@ def test_build_memory_stats():
     yt = np.repeat(np.arange(3), 10)
     test = centers[yt] + rng.standard_normal((30, 8))
     memory, stats, preds = build_memory_stats(
-        {"features": feats, "labels": y, "ids": np.arange(100)}, {"test": {"features": test, "labels": yt},
-                                                                  "val": {"features": test[:0], "labels": yt[:0]}},
-        train_counts=[60, 30, 10], texts=["a", "b", "c"], kind="hnsw", metric="l2", k=5, many=50, few=20)
+        {"features": feats, "labels": y, "ids": np.arange(100)},
+        {"test": {"features": test, "labels": yt}, "val": {"features": test[:0], "labels": yt[:0]}},
+        train_counts=[60, 30, 10],
+        texts=["a", "b", "c"],
+        kind="hnsw",
+        metric="l2",
+        k=5,
+        many=50,
+        few=20,
+    )
     assert len(memory) == 100 and set(stats["splits"]) == {"train", "test"}
     assert stats["splits"]["train"]["self_excluded"] and stats["splits"]["test"]["recall_at_5"] >= 0.9
     assert stats["splits"]["test"]["knn"]["all"] > 0.9 and stats["splits"]["train"]["nn"]["all"] > 0.9
@@ -140,7 +156,9 @@ def test_build_memory_stats():
     assert stats["splits"]["test"]["nn"] == shot_accuracy(preds["test/nn"], yt, [60, 30, 10], many=50, few=20)
     json.dumps(stats)
     with pytest.raises(ValueError, match="k=100 exceeds"):
-        build_memory_stats({"features": feats, "labels": y, "ids": np.arange(100)}, {}, train_counts=[60, 30, 10], k=100)
+        build_memory_stats(
+            {"features": feats, "labels": y, "ids": np.arange(100)}, {}, train_counts=[60, 30, 10], k=100
+        )
 
 
 # --------------------------------------------------------------------------------------------- encoders
@@ -178,9 +196,11 @@ def test_timm_local_file_and_offline_error(tmp_path, monkeypatch):
 def tiny_clip(tmp_path_factory):
     import open_clip
 
-    cfg = {"embed_dim": 16,
-           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
-           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    cfg = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
     root = tmp_path_factory.mktemp("clip")
     (root / "tiny-clip-test.json").write_text(json.dumps(cfg))
     open_clip.add_model_config(root)
@@ -215,3 +235,39 @@ def test_encode_texts_open_clip_and_random_bow(tiny_clip):
     assert not torch.equal(encoders.encode_texts(["cat"], dim=300, seed=4)[0], bow[2])
     with pytest.raises(ValueError, match="valid kinds"):
         encoders.encode_texts(["cat"], kind="glove")
+
+
+def test_split_features_reuses_teacher_features(tmp_path):
+    rng = np.random.default_rng(0)
+    data, teacher = tmp_path / "dataset", tmp_path / "teacher"
+    data.mkdir(), teacher.mkdir()
+    feats = {}
+    for split, n in (("train", 6), ("val", 0), ("test", 3)):
+        labels = rng.integers(0, 2, n)
+        images = np.zeros((n, 4, 4, 3), np.uint8)
+        np.savez(data / f"{split}.npz", labels=labels, ids=np.arange(n) + 100, images=images)
+        feats[split], feats[f"{split}_labels"] = rng.standard_normal((n, 5)).astype(np.float32), labels
+    np.savez(teacher / "features.npz", **feats)
+    out = encoders.split_features(data, "teacher", "t", teacher_dir=teacher)
+    assert set(out) == {"train", "test"}  # the empty val split is dropped
+    np.testing.assert_array_equal(out["train"]["features"], feats["train"])
+    np.testing.assert_array_equal(out["train"]["ids"], np.arange(6) + 100)
+    feats["test_labels"] = 1 - feats["test_labels"]
+    np.savez(teacher / "features.npz", **feats)
+    with pytest.raises(ValueError, match="test split is missing or its labels differ"):
+        encoders.split_features(data, "teacher", "t", teacher_dir=teacher)
+
+
+def test_teacher_encoder_uses_forward_features(tmp_path):
+    from pipeline.models.network import create_network, save_network
+
+    spec = {"backbone": {"name": "cifar_resnet8"}, "neck": None, "head": {"name": "linear"}, "num_classes": 3}
+    torch.manual_seed(0)
+    net = create_network(spec).eval()
+    save_network(net, tmp_path)
+    enc = encoders.create_encoder("teacher", model_dir=tmp_path, mean=(0.5,) * 3, std=(0.5,) * 3)
+    x = enc.preprocess(np.full((2, 32, 32, 3), 255, np.uint8))
+    torch.testing.assert_close(x, torch.ones(2, 3, 32, 32))  # (1 - 0.5) / 0.5
+    with torch.no_grad():
+        torch.testing.assert_close(enc.encode(x), net.forward_features(x))
+    assert enc.dim == net.feature_dim

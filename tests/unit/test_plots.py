@@ -25,7 +25,9 @@ def test_split_bars_with_nan(tmp_path):
 
 
 def test_tau_sweep_plot(tmp_path):
-    sweep = [{"tau": t, "val": {"all": 0.5 + t / 10, "many": 0.7, "medium": 0.4, "few": float("nan")}}
-             for t in (0.0, 0.5, 1.0)]
+    sweep = [
+        {"tau": t, "val": {"all": 0.5 + t / 10, "many": 0.7, "medium": 0.4, "few": float("nan")}}
+        for t in (0.0, 0.5, 1.0)
+    ]
     assert _is_png(plot_tau_sweep(sweep, tmp_path / "tau.png", split="val"))
     assert not list(tmp_path.glob("*.tmp*"))

@@ -3,5 +3,6 @@
 from pipeline.train.methods.cbd import CBD
 from pipeline.train.methods.decoupled import Decoupled
 from pipeline.train.methods.erm import ERM
+from pipeline.train.methods.paco import PaCo
 
-__all__ = ["CBD", "Decoupled", "ERM"]
+__all__ = ["CBD", "Decoupled", "ERM", "PaCo"]

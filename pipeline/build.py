@@ -17,8 +17,17 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline.config import ConfigError, DatasetConfig, ModelConfig, RebalanceConfig, TrainConfig
-from pipeline.data import SAMPLERS, SOURCES, TRANSFORMS, ImageDataset, collate, create_sampler, create_transform
-from pipeline.data import load_manifest, load_split
+from pipeline.data import (
+    SAMPLERS,
+    SOURCES,
+    TRANSFORMS,
+    ImageDataset,
+    collate,
+    create_sampler,
+    create_transform,
+    load_manifest,
+    load_split,
+)
 from pipeline.losses import LOSSES, class_weight_schedule, create_loss
 from pipeline.models import backbones as _backbones  # noqa: F401  (registers the CIFAR ResNets with timm)
 from pipeline.models.heads import HEADS
@@ -87,6 +96,10 @@ def _validate_train(cfg: TrainConfig, where: str) -> None:
     _check(where, "updater.name", cfg.updater.name, UPDATERS.names())
     _check(where, "updater.rho_schedule", cfg.updater.rho_schedule, RHO_SCHEDULES.names())
     _check(where, "optimizer.name", cfg.optimizer.name, ("sgd", "adamw"))
+    _check(where, "amp", cfg.amp, ("auto", "bf16", "fp16", "off"))
+    _check(where, "select", cfg.select, ("last", "best_val"))
+    if cfg.device != "auto" and not cfg.device.startswith(("cpu", "cuda")):
+        raise ConfigError(f"{where}.device: unknown device {cfg.device!r}; valid: auto, cpu, cuda, cuda:<index>")
     for key in ("epochs", "batch_size"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{where}.{key} must be >= 1, got {getattr(cfg, key)}")
@@ -120,8 +133,9 @@ def network_spec(model: ModelConfig, num_classes: int, neck_dim: int | None = No
     if model.pretrained or model.checkpoint_file:
         backbone.update(pretrained=model.pretrained, checkpoint_file=model.checkpoint_file)
     dim = neck_dim if neck_dim is not None else model.neck_dim
-    return {"backbone": backbone, "neck": {"dim": dim} if dim else None, "head": {"name": model.head, **model.head_args},
-            "normalize_features": model.normalize_features, "num_classes": num_classes}
+    return {"backbone": backbone, "neck": {"dim": dim} if dim else None,
+            "head": {"name": model.head, **model.head_args}, "normalize_features": model.normalize_features,
+            "num_classes": num_classes}
 
 
 def model_dir(ctx: BuildContext, ref: str) -> Path:

@@ -122,5 +122,5 @@ def rebalance(cfg: RebalanceConfig, ctx: BuildContext, out_dir: Path, checkpoint
     trainer, device = fit_method(method, cfg.train, ctx, checkpoint_dir, tracker,
                                  extra_hash={"model": cfg.model, "method": cfg.method, "update_bn": cfg.update_bn,
                                              "source": hashlib.sha256((src_dir / "model.pt").read_bytes()).hexdigest()})
-    extra = {"tau": float(method.network.head.tau)} if cfg.method == "tau_norm" else {}
+    extra = {"tau": float(method.network.head.tau.detach())} if cfg.method == "tau_norm" else {}
     return write_outputs(method, trainer, ctx, out_dir, device, tracker, extra)

@@ -46,7 +46,7 @@ def build_context():
     from pipeline.config import load_section
 
     if not (DATASET_DIR / "manifest.json").is_file():
-        raise FileNotFoundError(f"{DATASET_DIR}/manifest.json not found: run the dataset stage first (dvc repro dataset)")
+        raise FileNotFoundError(f"{DATASET_DIR}/manifest.json not found: run the dataset stage first")
     return BuildContext(dataset_dir=DATASET_DIR, data_root=DATA, dataset=load_section("dataset"))
 
 

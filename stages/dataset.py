@@ -1,6 +1,7 @@
 """DVC stage ``dataset``: build the long-tailed train split and balanced val/test splits into ``data/dataset/``."""
 
 import argparse
+
 from stages._cli import DATASET_DIR, run
 
 

@@ -35,10 +35,12 @@ def load_config(name: str, train_size: int):
 def main(args) -> None:
     import numpy as np
 
+    from pipeline.config import as_dict
     from pipeline.data.datasets import load_manifest
     from pipeline.index.encoders import split_features
     from pipeline.index.memory import build_memory_stats
     from pipeline.io import atomic_dir, write_json
+    from pipeline.tracking import create_tracker
 
     manifest = load_manifest(str(DATASET_DIR))
     cfg = load_config(args.name, manifest["split_sizes"]["train"])
@@ -73,6 +75,12 @@ def main(args) -> None:
         np.savez(tmp / "predictions.npz", **predictions)
         write_json(tmp / "stats.json", stats)
         write_json(tmp / "metrics.json", metrics)
+    tags = {"model": args.name, "encoder": f"{encoder.type}:{encoder.model}", "dataset": manifest["source"]}
+    with create_tracker(f"index@{args.name}", f"index-{args.name}", tags) as tracker:
+        tracker.log_params(as_dict(cfg))
+        tracker.log_metrics({f"test/{h}/{g}": v for h in heads for g, v in metrics.get("test", {}).get(h, {}).items()
+                             if v == v} | {"build_time_s": stats["build_time_s"]})
+        tracker.log_artifact(str(DATA / "index" / args.name / "stats.json"))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ class_balanced_distillation ``resnet.py: CosineLayer`` (§7.1); facebookresearch
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -166,6 +165,10 @@ def create_head(name: str, *, in_features: int, num_classes: int, **kwargs: obje
 
 def class_weight(head: nn.Module) -> Tensor:
     """The (C, D) per-class weight of a head (what τ-normalisation and weight-norm plots look at)."""
-    return head.class_weight if hasattr(head, "class_weight") else head.weight
+    if hasattr(head, "class_weight"):
+        return head.class_weight
+    if isinstance(head, NCMHead):
+        return head.centroids
+    return head.weight
 
 

@@ -85,6 +85,8 @@ def load_network(model_dir: str | Path, map_location: str | torch.device = "cpu"
         if not (d / name).is_file():
             raise FileNotFoundError(f"{d / name} does not exist: run the stage that trains this model first")
     spec = json.loads((d / "model.json").read_text())
+    # model.pt holds every weight: never fetch the initial pretrained weights again (offline, or moved files)
+    spec["backbone"] = {k: v for k, v in spec["backbone"].items() if k not in ("pretrained", "checkpoint_file")}
     net = Network(spec)
     net.load_state_dict(torch.load(d / "model.pt", map_location=map_location, weights_only=True))
     return net.eval()

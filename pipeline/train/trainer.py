@@ -135,7 +135,8 @@ class Trainer:
                 out = self.method.training_step(batch)
             for name, value in {"loss": out.loss, **out.parts}.items():
                 if not torch.isfinite(value.detach()).all():
-                    raise NonFiniteLossError(f"loss component {name!r} is {value.item()} at epoch {epoch}, "
+                    bad = float(value.detach().float().reshape(-1)[~torch.isfinite(value.detach().reshape(-1))][0])
+                    raise NonFiniteLossError(f"loss component {name!r} is {bad} at epoch {epoch}, "
                                              f"step {self.step}; lower the learning rate or check the inputs")
             return out
 

@@ -31,7 +31,8 @@ class Decoupled(Method):
         super().__init__()
         self.network, self.update_bn = network, update_bn
         for name, p in network.named_parameters():
-            p.requires_grad_(name.startswith("head."))
+            if not name.startswith("head."):
+                p.requires_grad_(False)  # the head keeps its own flags (LWS: W and b frozen, only s trains)
 
     def train(self, mode: bool = True) -> Decoupled:
         super().train(mode)

@@ -1,0 +1,186 @@
+"""The whole DVC pipeline on a tiny config, in a temporary copy of the repository.
+
+Checks the stage contracts end to end: the table and metrics, one MLflow run per stage execution, a second
+``dvc repro`` that runs nothing, a changed teacher setting that reruns only its branch, and a teacher killed with
+SIGKILL mid-training (process group, as a preempted worker) that resumes from its checkpoint to the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def _env(repo: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(PATH=f"{BIN}{os.pathsep}{env['PATH']}", PYTHONPATH=str(repo), DVC_NO_ANALYTICS="1",
+               HF_HUB_OFFLINE="1", MLFLOW_DISABLE_TELEMETRY="true", LONGTAIL_TRACKING="on")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("LONGTAIL_PARENT_RUN_ID", None)
+    return env
+
+
+def dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(BIN / "dvc"), *args], cwd=repo, env=_env(repo), capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"dvc {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def ran_stages(output: str) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", output)
+
+
+def tiny_params(repo: Path, **overrides: object) -> dict:
+    """The composed params with every training shortened to at most 2 epochs (and the given dotted overrides)."""
+    sys.path.insert(0, str(repo))
+    from pipeline.compose import compose
+
+    params = compose(repo / "conf")
+
+    def shorten(node: object) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("epochs"), int):
+                node["epochs"] = min(node["epochs"], 2)
+            for v in node.values():
+                shorten(v)
+
+    shorten(params)
+    for key, value in overrides.items():
+        *path, last = key.split(".")
+        node = params
+        for p in path:
+            node = node[p]
+        node[last] = value
+    return params
+
+
+def write_params(repo: Path, params: dict) -> None:
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the working tree (tracked and untracked, not ignored files) as its own git + DVC repo."""
+    dst = tmp_path_factory.mktemp("pipeline") / "repo"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for f in files:
+        if (ROOT / f).is_file():
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, dst / f)
+    (dst / "dvc.lock").unlink(missing_ok=True)
+    subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
+    write_params(dst, tiny_params(dst))
+    subprocess.run([sys.executable, "-c", "from pipeline.tracking import init_store; init_store('.')"], cwd=dst,
+                   env=_env(dst), check=True)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def first_run(repo: Path) -> subprocess.CompletedProcess:
+    return dvc(repo, "repro")
+
+
+def test_pipeline_writes_the_table_for_every_model(repo: Path, first_run: subprocess.CompletedProcess) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    stages = ran_stages(first_run.stdout)
+    expected = {"dataset", "evaluate", *(f"teacher@{k}" for k in params["teachers"]),
+                *(f"student@{k}" for k in params["students"]), *(f"rebalance@{k}" for k in params["rebalance"]),
+                *(f"index@{k}" for k in params["index"])}
+    assert set(stages) == expected
+    metrics = json.loads((repo / "data/reports/metrics.json").read_text())
+    models = metrics["models"]
+    for kind, key in (("teachers", "teachers"), ("students", "students"), ("rebalance", "rebalance")):
+        for name in params[key]:
+            assert set(models[f"{kind}/{name}"]) == {"all", "many", "medium", "few"}
+    for name in params["index"]:
+        assert {f"index/{name}:knn", f"index/{name}:nn"} <= set(models)
+    for acc in models.values():
+        assert 0.0 <= acc["all"] <= 1.0
+    summary = (repo / "data/reports/summary.md").read_text()
+    assert "| teachers/ce |" in summary and "many" in summary
+    for png in ("per_class_accuracy.png", "split_accuracy.png", "class_counts.png"):
+        assert (repo / "data/reports/plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    stats = json.loads((repo / f"data/index/{next(iter(params['index']))}/stats.json").read_text())
+    assert 0.0 <= stats["splits"]["test"][f"recall_at_{stats['k']}"] <= 1.0
+
+
+def test_one_mlflow_run_per_stage_execution(repo: Path, first_run: subprocess.CompletedProcess) -> None:
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["longtail-pipeline"])
+    assert sorted(runs["tags.stage"]) == sorted(ran_stages(first_run.stdout))
+    teacher = runs[runs["tags.stage"] == "teacher@ce"].iloc[0]
+    assert teacher["params.method"] == "erm" and teacher["status"] == "FINISHED"
+    assert 0.0 <= teacher["metrics.test/all"] <= 1.0
+    assert not runs["tags.model"].isna().all()
+
+
+def test_second_repro_does_nothing(repo: Path, first_run: subprocess.CompletedProcess) -> None:
+    t0 = time.perf_counter()
+    out = dvc(repo, "repro").stdout
+    assert ran_stages(out) == []
+    assert time.perf_counter() - t0 < 60
+
+
+def test_changing_one_teacher_reruns_only_its_branch(repo: Path, first_run: subprocess.CompletedProcess) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["teachers"]["ce"]["optimizer"]["lr"] = 0.05
+    write_params(repo, params)
+    stages = set(ran_stages(dvc(repo, "repro").stdout))
+    assert "teacher@ce" in stages and "evaluate" in stages
+    assert "dataset" not in stages
+    assert not any(s.startswith("teacher@") and s != "teacher@ce" for s in stages)
+    dependents = {f"rebalance@{k}" for k, v in params["rebalance"].items() if v["model"] == "teachers/ce"}
+    assert dependents <= stages
+    unrelated = {f"rebalance@{k}" for k, v in params["rebalance"].items() if v["model"] != "teachers/ce"}
+    assert not unrelated & stages
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)
+
+
+def test_sigkill_mid_training_resumes_to_the_same_weights(repo: Path, first_run: subprocess.CompletedProcess) -> None:
+    params = tiny_params(repo, **{"teachers.ce.epochs": 6})
+    write_params(repo, params)
+    dvc(repo, "repro", "teacher@ce")
+    reference = _state(repo / "data/teachers/ce/model.pt")
+    shutil.rmtree(repo / "checkpoints/teachers/ce")
+    shutil.rmtree(repo / "data/teachers/ce")
+    ckpt = repo / "checkpoints/teachers/ce/checkpoint.pt"
+    proc = subprocess.Popen([str(BIN / "dvc"), "repro", "--no-run-cache", "teacher@ce"], cwd=repo, env=_env(repo),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (ckpt.exists() and torch.load(ckpt, weights_only=True)["epoch"] >= 2):
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = torch.load(ckpt, weights_only=True)["epoch"]
+    assert 2 <= done < 6, "the kill must land mid-training"
+    cleared = subprocess.run([sys.executable, "-m", "pipeline.dvc_locks"], cwd=repo, env=_env(repo),
+                             capture_output=True, text=True, check=True)
+    out = dvc(repo, "repro", "teacher@ce")
+    assert f"resuming from checkpoint checkpoints/teachers/ce/checkpoint.pt after epoch {done}" in out.stderr + \
+        out.stdout + cleared.stdout
+    resumed = _state(repo / "data/teachers/ce/model.pt")
+    assert reference.keys() == resumed.keys()
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)

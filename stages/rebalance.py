@@ -4,12 +4,14 @@ from stages._cli import CHECKPOINTS, DATA, build_context, name_parser, run
 
 
 def main(args) -> None:
+    from pipeline.build import model_dir
     from pipeline.config import as_dict, load_section
     from pipeline.rebalance import rebalance
     from pipeline.tracking import create_tracker
 
     cfg = load_section("rebalance", args.name)
     ctx = build_context()
+    model_dir(ctx, cfg.model)  # fail on an unknown model before anything is written
     checkpoints = CHECKPOINTS / "rebalance" / args.name
     checkpoints.mkdir(parents=True, exist_ok=True)  # a declared out, also for the methods that train nothing
     tags = {"model": args.name, "method": cfg.method, "source_model": cfg.model, "dataset": ctx.dataset.name}

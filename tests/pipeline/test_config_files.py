@@ -1,0 +1,87 @@
+"""params.yaml, conf/ and dvc.yaml agree: the committed params are the composition of conf/, every stage declares
+its script and exactly the params it reads, and DVC's resolved stage list matches the params' entries."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.compose import compose
+from pipeline.config import SCHEMAS, load_section
+
+pytestmark = pytest.mark.pipeline
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_params_yaml_equals_the_composition_of_conf() -> None:
+    committed = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert committed == compose(ROOT / "conf"), "params.yaml differs from conf/: run `make params` (never edit it)"
+
+
+def test_params_have_no_interpolations_left() -> None:
+    assert "${" not in (ROOT / "params.yaml").read_text()
+
+
+@pytest.mark.parametrize("section", ["dataset", "evaluate"])
+def test_single_sections_validate(section: str) -> None:
+    load_section(section, params_path=ROOT / "params.yaml")
+
+
+@pytest.mark.parametrize("section", ["teachers", "students", "index", "rebalance"])
+def test_every_named_entry_validates(section: str) -> None:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert section in SCHEMAS
+    for name in params[section]:
+        load_section(section, name, params_path=ROOT / "params.yaml")
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (ROOT / "conf/dataset").glob("*.yaml")))
+def test_every_dataset_preset_composes_and_validates(preset: str, tmp_path: Path) -> None:
+    params = compose(ROOT / "conf", [f"dataset={preset}"])
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    cfg = load_section("dataset", params_path=tmp_path / "params.yaml")
+    assert cfg.name == preset
+
+
+def test_cifar_presets_take_the_imbalance_factor_override() -> None:
+    for n in (10, 100):
+        assert compose(ROOT / "conf", [f"dataset=cifar{n}_lt"])["dataset"]["imbalance_factor"] == 100
+        assert compose(ROOT / "conf", [f"dataset=cifar{n}_lt", "dataset.imbalance_factor=50"])["dataset"][
+            "imbalance_factor"] == 50
+
+
+def _stages() -> dict[str, dict]:
+    from dvc.repo import Repo
+
+    with Repo(str(ROOT)) as repo:
+        return {s.addressing: {"cmd": s.cmd, "deps": [d.def_path for d in s.deps],
+                               "params": [p for d in s.deps if hasattr(d, "params") for p in (d.params or [])]}
+                for s in repo.index.stages if getattr(s, "cmd", None)}
+
+
+def test_dvc_stage_list_matches_the_params_entries() -> None:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    expected = {"dataset", "evaluate", *(f"teacher@{k}" for k in params["teachers"]),
+                *(f"student@{k}" for k in params["students"]), *(f"index@{k}" for k in params["index"]),
+                *(f"rebalance@{k}" for k in params["rebalance"])}
+    out = subprocess.run([str(Path(sys.executable).parent / "dvc"), "stage", "list", "--name-only"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert set(out) == expected
+    assert set(_stages()) == expected
+
+
+def test_every_stage_depends_on_its_script_and_declares_only_its_params() -> None:
+    for name, stage in _stages().items():
+        script = stage["cmd"].split()[2].replace(".", "/") + ".py"
+        assert script in stage["deps"], f"{name} does not list {script}"
+        assert "stages/_cli.py" in stage["deps"] or name == "dataset" and "stages/_cli.py" in stage["deps"]
+        kind, _, key = name.partition("@")
+        section = {"teacher": "teachers", "student": "students", "index": "index", "rebalance": "rebalance"}.get(kind)
+        if section:
+            assert f"{section}.{key}" in stage["params"], f"{name} must declare {section}.{key}"
+            assert not any(p.startswith(f"{section}.") and p != f"{section}.{key}" for p in stage["params"])

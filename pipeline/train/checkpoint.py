@@ -26,6 +26,20 @@ def config_hash(config: Any) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def code_fingerprint(root: str | Path | None = None) -> str:
+    """A hash of the project's Python sources (``pipeline/`` and ``stages/``).
+
+    It goes into the checkpoint's config hash: DVC reruns a training stage when its code changes, and the rerun must
+    then train again rather than resume a finished checkpoint written by the old code.
+    """
+    root = Path(root) if root is not None else Path(__file__).resolve().parents[2]
+    h = hashlib.sha256()
+    for path in sorted([*(root / "pipeline").rglob("*.py"), *(root / "stages").rglob("*.py")]):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     return {

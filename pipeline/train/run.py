@@ -30,7 +30,7 @@ from pipeline.evaluate.metrics import shot_accuracy
 from pipeline.evaluate.predict import dump_model_outputs, run_over
 from pipeline.io import atomic_dir, write_json
 from pipeline.models.network import save_network
-from pipeline.train.checkpoint import config_hash
+from pipeline.train.checkpoint import code_fingerprint, config_hash
 from pipeline.train.method import Method
 from pipeline.train.trainer import Trainer, TrainerConfig, seed_everything
 
@@ -61,7 +61,7 @@ def fit_method(method: Method, cfg: TrainConfig, ctx: BuildContext, checkpoint_d
         method, create_updater(cfg), create_optimizer(cfg, method), create_train_loader(cfg, ctx, device),
         TrainerConfig(epochs=cfg.epochs, lr_schedule=create_lr(cfg), seed=cfg.seed, amp=cfg.amp,
                       grad_clip=cfg.grad_clip, select=cfg.select, checkpoint_path=checkpoint_dir / "checkpoint.pt",
-                      config_hash=config_hash({"train": asdict(cfg), "extra": extra_hash,
+                      config_hash=config_hash({"train": asdict(cfg), "extra": extra_hash, "code": code_fingerprint(),
                                                "dataset": ctx.manifest["train_counts"]}),
                       stop_after_epochs=stop_after_epochs),
         device=device, tracker=tracker, val_fn=make_val_fn(ctx, device) if cfg.select == "best_val" or

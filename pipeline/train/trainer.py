@@ -10,6 +10,7 @@ Reseeding per epoch makes a run resumed at an epoch boundary bit-identical (on t
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import random
@@ -154,8 +155,16 @@ class Trainer:
         state = load_checkpoint(self.cfg.checkpoint_path, self.cfg.config_hash)
         if state is None:
             return
-        self.method.load_state_dict(state["method"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        fresh = (copy.deepcopy(self.method.state_dict()), copy.deepcopy(self.optimizer.state_dict()))
+        try:
+            self.method.load_state_dict(state["method"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:  # same config, but the model no longer fits it
+            self.method.load_state_dict(fresh[0])
+            self.optimizer.load_state_dict(fresh[1])
+            logger.warning("checkpoint %s does not fit this model (%s); starting over", self.cfg.checkpoint_path,
+                           str(exc).splitlines()[0])
+            return
         self.history, self.best, self.step = state["history"], state["best"], state["step"]
         self.start_epoch = state["epoch"]
         set_rng_state(state["rng"])

@@ -337,3 +337,22 @@ def test_unknown_amp_lists_valid_modes() -> None:
 
 def test_auto_amp_is_off_on_cpu() -> None:
     assert _toy_trainer(_Toy(), amp="auto").amp_dtype is None
+
+
+def test_checkpoint_that_no_longer_fits_the_model_starts_over(tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """Same config hash, but the optimizer's groups changed (e.g. fewer trainable parameters): start over, warn."""
+    torch.manual_seed(0)
+    path = tmp_path / "checkpoint.pt"
+    first = _Toy()
+    _toy_trainer(first, epochs=1, checkpoint_path=path, config_hash="h").fit()
+    torch.manual_seed(1)
+    method = _Toy()
+    method.fc.bias.requires_grad_(False)  # one parameter fewer in the optimizer's only group
+    before = {k: v.clone() for k, v in method.state_dict().items()}
+    trainer = _toy_trainer(method, epochs=1, checkpoint_path=path, config_hash="h")
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.trainer"):
+        trainer._resume()
+    assert "does not fit this model" in caplog.text
+    assert trainer.start_epoch == 0
+    _assert_same_state(before, method.state_dict())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,7 +21,7 @@ def run_over(loader: DataLoader, fn: Callable[[Tensor], dict[str, Tensor]], devi
     """Apply ``fn`` (images → named tensors) to every batch; concatenate outputs as float32 numpy arrays."""
     outs: dict[str, list[np.ndarray]] = {}
     labels = []
-    for batch in tqdm(loader, desc=desc, leave=False, disable=True):
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not sys.stderr.isatty()):
         x = batch["images"][0].to(device, non_blocking=device.type == "cuda")
         for name, value in fn(x).items():
             outs.setdefault(name, []).append(value.float().cpu().numpy())

@@ -17,7 +17,7 @@ import random
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,6 @@ class TrainerConfig:
     checkpoint_path: str | Path | None = None
     config_hash: str = ""
     stop_after_epochs: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -122,7 +121,7 @@ class Trainer:
             raise ValueError("SAM with float16 autocast is not supported (no loss scaling across its two passes); "
                              "use amp: bf16")
         if amp == "fp16":
-            raise ValueError("amp fp16 needs loss scaling, which this trainer does not do; use amp: bf16")
+            raise ValueError("amp fp16 needs loss scaling, which this trainer does not do; use amp: bf16 (or auto)")
         return dtypes[amp]
 
     def _autocast(self):

@@ -356,3 +356,17 @@ def test_checkpoint_that_no_longer_fits_the_model_starts_over(tmp_path: Path,
     assert "does not fit this model" in caplog.text
     assert trainer.start_epoch == 0
     _assert_same_state(before, method.state_dict())
+
+
+def test_bf16_with_sam_trains() -> None:
+    """bf16 autocast (CPU autocast here, the GPU default) works with SAM's two passes."""
+    torch.manual_seed(0)
+    method = _Toy()
+    before = method.fc.weight.detach().clone()
+    opt = SAM(method.param_groups(), torch.optim.SGD, rho=0.05, lr=0.1)
+    trainer = Trainer(method, SAMUpdate(lambda e: 0.05), opt, _toy_loader(),
+                      TrainerConfig(epochs=1, lr_schedule=lambda e: 0.1, amp="bf16"))
+    assert trainer.amp_dtype is torch.bfloat16
+    history = trainer.fit()
+    assert np.isfinite(history[0]["train/loss"])
+    assert not torch.equal(before, method.fc.weight.detach())

@@ -102,7 +102,7 @@ def plot_split_bars(table: Mapping[str, Mapping[str, float]], path: str | os.Pat
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_ylim(0, 100)
     if models:
-        ax.legend(fontsize="small")
+        ax.legend(fontsize="small", bbox_to_anchor=(1.01, 1.0), loc="upper left")
     return _save(fig, path)
 
 

@@ -85,3 +85,24 @@ def test_every_stage_depends_on_its_script_and_declares_only_its_params() -> Non
         if section:
             assert f"{section}.{key}" in stage["params"], f"{name} must declare {section}.{key}"
             assert not any(p.startswith(f"{section}.") and p != f"{section}.{key}" for p in stage["params"])
+
+
+@pytest.mark.parametrize("n", [10, 100])
+def test_paper_profile_composes_into_a_consistent_pipeline(n: int, tmp_path: Path) -> None:
+    """teachers=paper_cifarN with students=paper and evaluate=paper: every name a student, a rebalance entry, an
+    index or an ensemble reads is a teacher of the composition, and every entry validates."""
+    params = compose(ROOT / "conf", [f"dataset=cifar{n}_lt", f"teachers=paper_cifar{n}", "students=paper",
+                                     "evaluate=paper"])
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    teachers = set(params["teachers"])
+    for name, student in params["students"].items():
+        assert set(student["method_args"]["teachers"]) <= teachers, name
+        load_section("students", name, params_path=tmp_path / "params.yaml")
+    for entry in params["rebalance"].values():
+        assert entry["model"].split("/", 1)[1] in teachers
+    for entry in params["index"].values():
+        assert entry["encoder"]["model"] in teachers
+    for members in params["evaluate"]["ensembles"].values():
+        assert set(members) <= teachers
+    for name in teachers:
+        load_section("teachers", name, params_path=tmp_path / "params.yaml")

@@ -5,7 +5,7 @@ Eq. (13); official kaidic/LDAM-DRW ``losses.py: LDAMLoss`` (METHODS.md §2.2).
 
 ``m_j = max_m · (n_min / n_j)^{1/4}`` (the rarest class gets exactly ``max_m``); the margin is subtracted from
 the true-class logit only, and the scale ``s`` multiplies afterwards: ``CE(s·(z − m_y·onehot(y)), y, weight)``.
-The official code stores the margins as ``torch.cuda.FloatTensor``; here they are a buffer that follows the
+The official code stores the margins as a CUDA-only float tensor; here they are a buffer that follows the
 module's device.
 """
 

@@ -44,20 +44,13 @@ def _to_numpy(x: object) -> object:
 
 
 def shot_groups(train_counts: np.ndarray | Sequence[int], many: int = 100, few: int = 20) -> np.ndarray:
-    """Shot group of each class from its training count.
+    """Shot group of each class as a (C,) array of ``"many"`` / ``"medium"`` / ``"few"``.
 
-    Args:
-        train_counts: training images per class (C,).
-        many: a class with more than ``many`` training images is a many-shot class.
-        few: a class with fewer than ``few`` training images is a few-shot class; the rest are medium.
-
-    Returns:
-        (C,) array of strings ``"many"`` / ``"medium"`` / ``"few"``.
+    The rule lives in :func:`pipeline.data.longtail.shot_groups` (count > many: many; count < few: few).
     """
-    if few > many:
-        raise ValueError(f"few threshold ({few}) must not exceed many threshold ({many})")
-    counts = np.asarray(train_counts)
-    return np.where(counts > many, "many", np.where(counts < few, "few", "medium"))
+    from pipeline.data.longtail import shot_groups as groups_of
+
+    return np.asarray(groups_of(np.asarray(train_counts).tolist(), many=many, few=few))
 
 
 def per_class_accuracy(predictions: np.ndarray, targets: np.ndarray, num_classes: int) -> np.ndarray:

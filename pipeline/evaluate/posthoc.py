@@ -19,6 +19,7 @@ import logging
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import torch
 
 from pipeline.evaluate.metrics import shot_accuracy
 
@@ -43,9 +44,10 @@ def _float(x: object) -> np.ndarray:
 
 
 def _tau_normalize(weight: np.ndarray, tau: float) -> np.ndarray:
-    """w_i / ||w_i||^τ row-wise (private copy of ``pipeline.models.heads.tau_normalize`` to avoid an import cycle)."""
-    norms = np.linalg.norm(weight, axis=1, keepdims=True)  # (C, 1)
-    return weight / np.power(norms, tau)
+    """``pipeline.models.heads.tau_normalize`` on a numpy (C, D) weight."""
+    from pipeline.models.heads import tau_normalize
+
+    return tau_normalize(torch.from_numpy(weight), tau).numpy()
 
 
 def tau_sweep(

@@ -33,6 +33,17 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> N
         assert needle in errors[0], errors[0]
 
 
+def run_edited(cwd: Path, params: dict, edit, module: str, *args: str) -> subprocess.CompletedProcess:
+    """Run a stage with ``edit(copy of params)`` as params.yaml, then put the good params back."""
+    bad = yaml.safe_load(yaml.safe_dump(params))
+    edit(bad)
+    write(cwd, bad)
+    try:
+        return stage(cwd, module, *args)
+    finally:
+        write(cwd, params)
+
+
 @pytest.fixture(scope="module")
 def params() -> dict:
     p = compose(ROOT / "conf")
@@ -70,40 +81,31 @@ def test_imbalance_factor_below_one(tmp_path: Path, params: dict) -> None:
 
 
 def test_unknown_backbone(with_dataset: Path, params: dict) -> None:
-    bad = yaml.safe_load(yaml.safe_dump(params))
-    bad["teachers"]["ce"]["model"]["backbone"] = "resnet_does_not_exist"
-    write(with_dataset, bad)
-    assert_one_line_error(stage(with_dataset, "teacher", "--name", "ce"), "resnet_does_not_exist", "backbone")
+    proc = run_edited(with_dataset, params, lambda p: p["teachers"]["ce"]["model"].update(
+        backbone="resnet_does_not_exist"), "teacher", "--name", "ce")
+    assert_one_line_error(proc, "resnet_does_not_exist", "backbone")
     assert not (with_dataset / "data/teachers").exists()
-    write(with_dataset, params)
 
 
 def test_index_k_larger_than_the_index(with_dataset: Path, params: dict) -> None:
-    bad = yaml.safe_load(yaml.safe_dump(params))
-    bad["index"]["ce"]["k"] = 10_000
-    write(with_dataset, bad)
-    assert_one_line_error(stage(with_dataset, "index", "--name", "ce"), "k=10000")
+    proc = run_edited(with_dataset, params, lambda p: p["index"]["ce"].update(k=10_000), "index", "--name", "ce")
+    assert_one_line_error(proc, "k=10000")
     assert not (with_dataset / "data/index").exists()
-    write(with_dataset, params)
 
 
 def test_student_naming_a_missing_teacher(with_dataset: Path, params: dict) -> None:
-    bad = yaml.safe_load(yaml.safe_dump(params))
-    bad["students"]["cbd"]["method_args"]["teachers"] = ["nobody"]
-    write(with_dataset, bad)
-    assert_one_line_error(stage(with_dataset, "student", "--name", "cbd"), "teachers/nobody")
+    proc = run_edited(with_dataset, params, lambda p: p["students"]["cbd"]["method_args"].update(teachers=["nobody"]),
+                      "student", "--name", "cbd")
+    assert_one_line_error(proc, "teachers/nobody")
     assert not (with_dataset / "data/students").exists()
-    write(with_dataset, params)
 
 
 def test_rebalance_of_an_unknown_model(with_dataset: Path, params: dict) -> None:
-    bad = yaml.safe_load(yaml.safe_dump(params))
-    name = next(iter(bad["rebalance"]))
-    bad["rebalance"][name]["model"] = "teachers/ghost"
-    write(with_dataset, bad)
-    assert_one_line_error(stage(with_dataset, "rebalance", "--name", name), "teachers/ghost")
+    name = next(iter(params["rebalance"]))
+    proc = run_edited(with_dataset, params, lambda p: p["rebalance"][name].update(model="teachers/ghost"),
+                      "rebalance", "--name", name)
+    assert_one_line_error(proc, "teachers/ghost")
     assert not (with_dataset / "data/rebalance").exists() and not (with_dataset / "checkpoints").exists()
-    write(with_dataset, params)
 
 
 def test_unknown_entry_name(with_dataset: Path, params: dict) -> None:

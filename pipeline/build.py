@@ -16,7 +16,17 @@ import timm
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.config import ConfigError, DatasetConfig, ModelConfig, RebalanceConfig, TrainConfig
+from pipeline.config import (
+    SCHEMAS,
+    ConfigError,
+    DatasetConfig,
+    InputConfig,
+    ModelConfig,
+    RebalanceConfig,
+    TrainConfig,
+    parse_schema,
+    raw_section,
+)
 from pipeline.data import (
     SAMPLERS,
     SOURCES,
@@ -126,16 +136,46 @@ def validate_names(obj: Any, where: str) -> None:
         _validate_train(obj.train, f"{where}.train")
 
 
+def to_schema(schema: type, raw: Any, where: str) -> Any:
+    """Parse ``raw`` into ``schema`` (keys, types) and check its registry names and ranges; raise ConfigError."""
+    obj = parse_schema(schema, raw, where)
+    validate_names(obj, where)
+    return obj
+
+
+def load_section(section: str, name: str | None = None, params_path: str | Path = "params.yaml") -> Any:
+    """Load and validate ``params.yaml[section]`` (or ``[section][name]`` for the named collections)."""
+    raw, where = raw_section(section, name, params_path)
+    return to_schema(SCHEMAS[section], raw, where)
+
+
 # --- models -----------------------------------------------------------------------------------------------------
-def network_spec(model: ModelConfig, num_classes: int, neck_dim: int | None = None) -> dict:
+def resolve_input(cfg: InputConfig | None, dataset: DatasetConfig) -> dict:
+    """A model's preprocessing ``{"size", "mean", "std"}``: its own settings, else the dataset's."""
+    cfg = cfg or InputConfig()
+    return {"size": cfg.size or dataset.image_size, "mean": list(cfg.mean or dataset.mean),
+            "std": list(cfg.std or dataset.std)}
+
+
+def network_spec(model: ModelConfig, num_classes: int, neck_dim: int | None = None,
+                 input_spec: dict | None = None) -> dict:
     """The ``model.json`` spec of a network (see ``pipeline.models.network``)."""
     backbone = {"name": model.backbone, **model.backbone_args}
     if model.pretrained or model.checkpoint_file:
         backbone.update(pretrained=model.pretrained, checkpoint_file=model.checkpoint_file)
     dim = neck_dim if neck_dim is not None else model.neck_dim
-    return {"backbone": backbone, "neck": {"dim": dim} if dim else None,
-            "head": {"name": model.head, **model.head_args}, "normalize_features": model.normalize_features,
-            "num_classes": num_classes}
+    head = {"name": model.head, **model.head_args}
+    spec = {"backbone": backbone, "neck": {"dim": dim} if dim else None, "head": head,
+            "normalize_features": model.normalize_features, "num_classes": num_classes}
+    if model.distilled:
+        spec["dist_head"] = dict(head)
+    if input_spec is not None:
+        spec["input"] = dict(input_spec)
+    return spec
+
+
+def _spec(cfg: TrainConfig, ctx: BuildContext, neck_dim: int | None = None) -> dict:
+    return network_spec(cfg.model, ctx.num_classes, neck_dim, resolve_input(cfg.input, ctx.dataset))
 
 
 def model_dir(ctx: BuildContext, ref: str) -> Path:
@@ -156,7 +196,7 @@ def _build_erm(cfg: TrainConfig, ctx: BuildContext) -> Method:
     def weights(epoch: int) -> torch.Tensor | None:
         return class_weight_schedule(cfg.class_weight, epoch, counts, cfg.drw_epoch, cfg.cb_beta)
 
-    return ERM(Network(network_spec(cfg.model, ctx.num_classes)), loss, weights)
+    return ERM(Network(_spec(cfg, ctx)), loss, weights)
 
 
 @METHOD_BUILDERS.register("cbd")
@@ -169,7 +209,7 @@ def _build_cbd(cfg: TrainConfig, ctx: BuildContext) -> Method:
         raise ConfigError("method cbd needs method_args.teachers: a list of teacher names")
     teachers = [load_network(model_dir(ctx, f"teachers/{n}")) for n in names]
     dim = sum(t.feature_dim for t in teachers)  # CBD-ENS: the student's h maps to the concatenated teacher width
-    spec = network_spec(cfg.model, ctx.num_classes, neck_dim=dim)
+    spec = _spec(cfg, ctx, neck_dim=dim)
     spec["normalize_features"] = True
     return CBD(Network(spec), teachers, **args)
 
@@ -182,8 +222,43 @@ def _build_paco(cfg: TrainConfig, ctx: BuildContext) -> Method:
         raise ConfigError(f"method paco needs two transforms (query, key), got {cfg.transforms}")
     if not cfg.drop_last:
         raise ConfigError("method paco needs drop_last: true (the queue size must be a multiple of the batch size)")
-    return PaCo(Network(network_spec(cfg.model, ctx.num_classes)), ctx.class_counts, batch_size=cfg.batch_size,
+    return PaCo(Network(_spec(cfg, ctx)), ctx.class_counts, batch_size=cfg.batch_size,
                 **cfg.method_args)
+
+
+def _model_ref(ref: str) -> str:
+    """``ce`` → ``teachers/ce``; ``teachers/x``, ``students/x``, ``rebalance/x`` stay as they are."""
+    return ref if "/" in ref else f"teachers/{ref}"
+
+
+@METHOD_BUILDERS.register("deit_lt")
+def _build_deit_lt(cfg: TrainConfig, ctx: BuildContext) -> Method:
+    from timm.data import Mixup
+
+    from pipeline.data.transforms import BatchAdapter
+    from pipeline.train.methods import DeiTLT
+
+    args = dict(cfg.method_args)
+    ref = args.pop("teacher", None)
+    if not ref:
+        raise ConfigError("method deit_lt needs method_args.teacher: a pipeline model (e.g. teachers/paco_sam)")
+    if not cfg.model.distilled:
+        raise ConfigError("method deit_lt needs model.distilled: true and a distilled ViT backbone (deit_lt_*)")
+    if cfg.batch_size % 2:
+        raise ConfigError(f"method deit_lt: batch_size must be even (Mixup pairs each image with the flipped "
+                          f"batch), got {cfg.batch_size}")
+    teacher = load_network(model_dir(ctx, _model_ref(ref)))
+    student_in = resolve_input(cfg.input, ctx.dataset)
+    teacher_in = teacher.spec.get("input") or resolve_input(None, ctx.dataset)
+    adapter = BatchAdapter(teacher_in["size"], student_in["mean"], student_in["std"], teacher_in["mean"],
+                           teacher_in["std"], renormalize=args.pop("teacher_renormalize", True))
+    mixup_args = args.pop("mixup", None)
+    mixup = Mixup(**{"mode": "batch", **mixup_args}, num_classes=ctx.num_classes) if mixup_args else None
+    drw = cfg.drw_epoch if cfg.class_weight == "drw" else None
+    if cfg.class_weight not in ("none", "drw"):
+        raise ConfigError(f"method deit_lt: class_weight {cfg.class_weight!r}; valid: none, drw (on the DIST head)")
+    return DeiTLT(Network(_spec(cfg, ctx)), teacher, adapter, ctx.class_counts, mixup=mixup, drw_epoch=drw,
+                  cb_beta=cfg.cb_beta, **args)
 
 
 def create_method(cfg: TrainConfig, ctx: BuildContext) -> Method:
@@ -194,11 +269,12 @@ def create_method(cfg: TrainConfig, ctx: BuildContext) -> Method:
 def create_optimizer(cfg: TrainConfig, method: Method) -> torch.optim.Optimizer:
     """SGD (or AdamW) over ``method.param_groups()``, wrapped in SAM when the updater is 'sam'."""
     o = cfg.optimizer
+    lr = base_lr(cfg)
     if o.name == "sgd":
-        base, kwargs = torch.optim.SGD, dict(lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+        base, kwargs = torch.optim.SGD, dict(lr=lr, momentum=o.momentum, weight_decay=o.weight_decay,
                                              nesterov=o.nesterov)
     else:
-        base, kwargs = torch.optim.AdamW, dict(lr=o.lr, weight_decay=o.weight_decay)
+        base, kwargs = torch.optim.AdamW, dict(lr=lr, weight_decay=o.weight_decay)
     groups = method.param_groups()
     if cfg.updater.name == "sam":
         return SAM(groups, base, rho=cfg.updater.rho, **kwargs)
@@ -213,8 +289,14 @@ def create_updater(cfg: TrainConfig):
     return UPDATERS.create(u.name)
 
 
+def base_lr(cfg: TrainConfig) -> float:
+    """The peak lr: ``optimizer.lr``, scaled by ``batch_size / optimizer.lr_base_batch`` when that is set."""
+    o = cfg.optimizer
+    return o.lr * cfg.batch_size / o.lr_base_batch if o.lr_base_batch else o.lr
+
+
 def create_lr(cfg: TrainConfig) -> Callable[[int], float]:
-    return create_lr_schedule(cfg.lr_schedule, base_lr=cfg.optimizer.lr, epochs=cfg.epochs, **cfg.lr_args)
+    return create_lr_schedule(cfg.lr_schedule, base_lr=base_lr(cfg), epochs=cfg.epochs, **cfg.lr_args)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -224,15 +306,21 @@ def resolve_device(name: str) -> torch.device:
 
 
 # --- data -------------------------------------------------------------------------------------------------------
-def _transform(name: str, ctx: BuildContext, **kwargs: Any):
-    d = ctx.dataset
-    return create_transform(name, image_size=d.image_size, mean=d.mean, std=d.std, **kwargs)
+def _transform(name: str, input_spec: dict, **kwargs: Any):
+    return create_transform(name, image_size=input_spec["size"], mean=input_spec["mean"], std=input_spec["std"],
+                            **kwargs)
 
 
-def create_train_loader(cfg: TrainConfig, ctx: BuildContext, device: torch.device) -> DataLoader:
-    """The training loader: one view per ``cfg.transforms`` entry, the configured sampler, seeded per epoch."""
+def create_train_loader(cfg: TrainConfig, ctx: BuildContext, device: torch.device,
+                        input_spec: dict | None = None) -> DataLoader:
+    """The training loader: one view per ``cfg.transforms`` entry, the configured sampler, seeded per epoch.
+
+    ``input_spec`` (a network's ``spec["input"]``) overrides ``cfg.input``: a rebalanced head sees its source
+    network's preprocessing.
+    """
     split = load_split(str(ctx.dataset_dir), "train")
-    transforms = [_transform(t, ctx, **cfg.transform_args.get(t, {})) for t in cfg.transforms]
+    spec = input_spec or resolve_input(cfg.input, ctx.dataset)
+    transforms = [_transform(t, spec, **cfg.transform_args.get(t, {})) for t in cfg.transforms]
     sampler = create_sampler(cfg.sampler, labels=split.labels, seed=cfg.seed, num_epochs=cfg.epochs,
                              **cfg.sampler_args)
     return DataLoader(ImageDataset(split, transforms), batch_size=cfg.batch_size, sampler=sampler,
@@ -241,11 +329,15 @@ def create_train_loader(cfg: TrainConfig, ctx: BuildContext, device: torch.devic
 
 
 def create_eval_loader(ctx: BuildContext, split_name: str, batch_size: int = 256, num_workers: int = 0,
-                       device: torch.device | None = None) -> DataLoader | None:
-    """A loader over ``split_name`` with the test transform, in order; None for an empty split."""
+                       device: torch.device | None = None, input_spec: dict | None = None) -> DataLoader | None:
+    """A loader over ``split_name`` with the test transform, in order; None for an empty split.
+
+    ``input_spec``: the network's preprocessing (``spec["input"]``); default the dataset's.
+    """
     split = load_split(str(ctx.dataset_dir), split_name)
     if len(split) == 0:
         return None
-    return DataLoader(ImageDataset(split, [_transform("test", ctx)]), batch_size=batch_size, shuffle=False,
+    spec = input_spec or resolve_input(None, ctx.dataset)
+    return DataLoader(ImageDataset(split, [_transform("test", spec)]), batch_size=batch_size, shuffle=False,
                       num_workers=num_workers, collate_fn=collate,
                       pin_memory=device is not None and device.type == "cuda")

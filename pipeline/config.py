@@ -1,8 +1,10 @@
 """Schemas of each ``params.yaml`` section; loading one validates keys, types and registry names.
 
-Stage scripts read only their own section (``load_section``). An unknown key, a wrong type or an unknown registry
-name fails at load with one line naming the key and the valid choices (``ConfigError``). The YAML itself is written
-by Hydra from ``conf/`` (``dvc exp run -S ...``); this module never composes, it validates.
+Stage scripts read only their own section (``pipeline.build.load_section``). An unknown key or a wrong type fails
+here (``parse_schema``), an unknown registry name in ``pipeline.build`` (which owns the registries), each with one
+line naming the key and the valid choices (``ConfigError``). This module imports nothing of the pipeline, so the
+dependency runs one way: build → config. The YAML itself is written by Hydra from ``conf/`` (``dvc exp run -S
+...``); this module never composes, it parses.
 """
 
 from __future__ import annotations
@@ -49,11 +51,15 @@ class DatasetConfig:
 
 @dataclass
 class OptimizerConfig:
+    """``lr`` is the lr of the whole batch; with ``lr_base_batch`` it is scaled to ``lr · batch_size / lr_base_batch``
+    (the linear scaling rule, e.g. DeiT's ``5e-4 · batch / 512``)."""
+
     name: str = "sgd"
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 2e-4
     nesterov: bool = False
+    lr_base_batch: int | None = None
 
 
 @dataclass
@@ -75,6 +81,16 @@ class ModelConfig:
     head_args: dict[str, Any] = field(default_factory=dict)
     neck_dim: int | None = None
     normalize_features: bool = False
+    distilled: bool = False  # a distilled ViT: a second head (same name and args) on the DIST token
+
+
+@dataclass
+class InputConfig:
+    """How a model's images are prepared (side, normalisation); None takes the dataset's value."""
+
+    size: int | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
 
 
 @dataclass
@@ -93,6 +109,7 @@ class TrainConfig:
     sampler_args: dict[str, Any] = field(default_factory=dict)
     transforms: list[str] = field(default_factory=lambda: ["standard"])
     transform_args: dict[str, Any] = field(default_factory=dict)
+    input: InputConfig = field(default_factory=InputConfig)
     epochs: int = 10
     batch_size: int = 128
     drop_last: bool = False
@@ -178,15 +195,18 @@ def _schema_at(schema: type, path: list[str]) -> type:
     return schema
 
 
-def to_schema(schema: type, raw: Any, where: str) -> Any:
-    """Validate ``raw`` against the dataclass ``schema``; return a plain dataclass instance."""
+def parse_schema(schema: type, raw: Any, where: str) -> Any:
+    """Check the keys and types of ``raw`` against the dataclass ``schema``; return a plain dataclass instance.
+
+    Registry names and ranges are checked by ``pipeline.build.to_schema``, which calls this first.
+    """
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a mapping, got {type(raw).__name__}")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(raw))
-        obj = OmegaConf.to_object(merged)
+        return OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or getattr(exc, "key", "?")
         msg = str(exc).splitlines()[0]
@@ -194,14 +214,10 @@ def to_schema(schema: type, raw: Any, where: str) -> Any:
             valid = ", ".join(f.name for f in dataclasses.fields(_schema_at(schema, str(key).split(".")[:-1])))
             raise ConfigError(f"{where}: unknown key {key!r}; valid keys: {valid}") from None
         raise ConfigError(f"{where}.{key}: {msg}") from None
-    from pipeline.build import validate_names  # late import: build imports the heavy registries
-
-    validate_names(obj, where)
-    return obj
 
 
-def load_section(section: str, name: str | None = None, params_path: str | Path = "params.yaml") -> Any:
-    """Load and validate ``params.yaml[section]`` (or ``[section][name]`` for the named collections)."""
+def raw_section(section: str, name: str | None = None, params_path: str | Path = "params.yaml") -> tuple[Any, str]:
+    """``params.yaml[section]`` (or ``[section][name]``) unparsed, and the dotted place it came from."""
     params = read_params(params_path)
     if section not in SCHEMAS:
         raise ConfigError(f"unknown params section {section!r}; valid: {', '.join(SCHEMAS)}")
@@ -211,7 +227,7 @@ def load_section(section: str, name: str | None = None, params_path: str | Path 
         if name not in (raw or {}):
             raise ConfigError(f"{section}.{name} is not in {params_path}; defined: {', '.join(raw or {}) or 'none'}")
         raw, where = raw[name], f"{section}.{name}"
-    return to_schema(SCHEMAS[section], raw, where)
+    return raw, where
 
 
 def as_dict(obj: Any) -> dict[str, Any]:

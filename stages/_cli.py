@@ -42,8 +42,7 @@ def name_parser(description: str) -> argparse.ArgumentParser:
 
 
 def build_context():
-    from pipeline.build import BuildContext
-    from pipeline.config import load_section
+    from pipeline.build import BuildContext, load_section
 
     if not (DATASET_DIR / "manifest.json").is_file():
         raise FileNotFoundError(f"{DATASET_DIR}/manifest.json not found: run the dataset stage first")
@@ -52,7 +51,8 @@ def build_context():
 
 def train_stage(section: str, kind: str, args: argparse.Namespace) -> None:
     """The teacher and student stages: train ``params.yaml[section][name]`` and write ``data/<section>/<name>``."""
-    from pipeline.config import as_dict, load_section
+    from pipeline.build import load_section
+    from pipeline.config import as_dict
     from pipeline.tracking import create_tracker
     from pipeline.train.run import train_and_export
 

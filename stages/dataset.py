@@ -6,7 +6,8 @@ from stages._cli import DATASET_DIR, run
 
 
 def main(args: argparse.Namespace) -> None:
-    from pipeline.config import as_dict, load_section
+    from pipeline.build import load_section
+    from pipeline.config import as_dict
     from pipeline.data import build_longtail, load_source, plot_class_counts, save_dataset
     from pipeline.tracking import create_tracker
 

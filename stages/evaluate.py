@@ -10,7 +10,8 @@ REPORTS = DATA / "reports"
 
 
 def main(args: argparse.Namespace) -> None:
-    from pipeline.config import as_dict, load_section
+    from pipeline.build import load_section
+    from pipeline.config import as_dict
     from pipeline.data import load_manifest
     from pipeline.evaluate.plots import plot_per_class_accuracy, plot_split_bars
     from pipeline.evaluate.report import build_report, collect_outputs, per_class_rows, summary_markdown

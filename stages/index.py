@@ -13,9 +13,10 @@ from stages._cli import DATA, DATASET_DIR, name_parser, run
 
 def load_config(name: str, train_size: int):
     from pipeline import config
+    from pipeline.build import load_section
     from pipeline.index.memory import KINDS, METRICS
 
-    cfg = config.load_section("index", name)
+    cfg = load_section("index", name)
     for key, value, valid in (
         ("encoder.type", cfg.encoder.type, ("teacher", "timm", "open_clip")),
         ("kind", cfg.kind, KINDS),

@@ -7,6 +7,7 @@ References:
       of facebookresearch/classifier-balancing (§5.2).
     * Iscen et al., "Class-Balanced Distillation for Long-Tailed Visual Recognition", BMVC 2021, official
       ``input_pipeline.py`` over/under-sampling (§7.3).
+    * Repeated augmentation (Hoffer et al. 2020; DeiT / DeiT-LT ``samplers.RASampler``, §6.3).
 
 Every sampler's order is a pure function of ``(seed, epoch)``: :meth:`set_epoch` selects the epoch, and iterating
 twice over the same epoch gives the same indices. The Trainer resumes at epoch boundaries, so a resumed run sees
@@ -235,11 +236,50 @@ class CBDSampler(EpochSampler):
         return rng.permutation(idx[keep])
 
 
+@SAMPLERS.register("repeated_aug")
+class RepeatedAugSampler(EpochSampler):
+    """Repeated augmentation of DeiT / DeiT-LT (``RASampler``, METHODS.md §6.3), on one process.
+
+    A cycle is a random permutation of the N training indices with every index repeated ``num_repeats`` times in a
+    row (``repeat_interleave``: the copies of one image land in the same batch, each with its own augmentation).
+    An epoch is the first ``L`` entries of the cycle. Official ``L = floor(N // 256 · 256 / world)``, so about a
+    third of the images are seen per epoch, each about 3 times. Departure: for N < 256 the official length is 0 (an
+    empty epoch); here it is then N.
+
+    Args:
+        num_repeats: copies of each index per cycle (3).
+        epoch_length: ``'official'`` (above), ``'cycle'`` (all N · num_repeats entries) or a positive integer.
+    """
+
+    def __init__(self, labels, seed: int = 0, num_epochs: int = 1, num_repeats: int = 3,
+                 epoch_length: str | int = "official") -> None:
+        super().__init__(labels, seed, num_epochs)
+        if num_repeats < 1:
+            raise ValueError(f"repeated_aug num_repeats must be >= 1, got {num_repeats}")
+        self.num_repeats = int(num_repeats)
+        n = len(self.labels)
+        if epoch_length == "official":
+            self.length = n // 256 * 256 or n
+        elif epoch_length == "cycle":
+            self.length = n * self.num_repeats
+        elif isinstance(epoch_length, int) and not isinstance(epoch_length, bool) and epoch_length > 0:
+            self.length = min(int(epoch_length), n * self.num_repeats)
+        else:
+            raise ValueError(f"repeated_aug epoch_length {epoch_length!r}; valid: official, cycle, or an integer > 0")
+
+    def cycle(self) -> np.ndarray:
+        """(N · num_repeats,) the current epoch's full cycle: each index ``num_repeats`` times in a row."""
+        return np.repeat(self._rng().permutation(len(self.labels)).astype(np.int64), self.num_repeats)
+
+    def indices(self) -> np.ndarray:
+        return self.cycle()[: self.length]
+
+
 def create_sampler(name: str, *, labels, seed: int, num_epochs: int, **kwargs) -> EpochSampler:
     """Build the sampler registered as ``name`` (``SAMPLERS.names()`` lists them).
 
     Args:
-        name: instance, class_balanced, sqrt, progressive, class_aware or cbd.
+        name: instance, class_balanced, sqrt, progressive, class_aware, cbd or repeated_aug.
         labels: (N,) training labels.
         seed: base seed of the per-epoch order.
         num_epochs: total epochs of the run.

@@ -10,6 +10,10 @@ float32 CHW tensor. Images up to 64 px use the CIFAR recipes, larger ones the Im
 * ``paco_query``: PaCo CIFAR query view: RandomCrop pad 4 + HFlip + AutoAugment (CIFAR10 policy) + Cutout (§4.3).
 * ``paco_query_randaug``: PaCo ImageNet query view (``randcls``): RRC + HFlip + ColorJitter(0.4,0.4,0.4,0) +
   RandAugment(2, 10). Departure: torchvision's RandAugment, not timm's ``rand-n2-m10-mstd0.5`` (no magnitude noise).
+* ``deit``: DeiT-LT's student view (``datasets.build_transform_deit``, §6.3): timm ``create_transform`` with
+  RandAugment ``rand-m9-mstd0.5-inc1``, colour jitter 0.3, bicubic, RandomErasing 0.25 (pixel mode, one box); its
+  RandomResizedCrop upsamples CIFAR to 224, and at 32 px or less it is replaced by RandomCrop(pad 4) as officially.
+  Normalised with the ImageNet statistics unless the recipe says otherwise. Random draws: Python's ``random``.
 * ``simclr``: PaCo's key view ("SimCLR-CIFAR" / ``sim``): RRC(scale 0.2-1) + ColorJitter(0.4,0.4,0.4,0.1) p 0.8 +
   grayscale p 0.2 + GaussianBlur(sigma 0.1-2) p 0.5 + HFlip.
 
@@ -178,6 +182,42 @@ def paco_query_randaug_transform(*, image_size: int, mean: Sequence[float], std:
     return v2.Compose([ToImage(), *ops, *_finish(mean, std)])
 
 
+class ToPIL(nn.Module):
+    """HWC uint8 numpy array (or gray (H, W), CHW uint8 tensor, PIL image) → RGB PIL image, for timm's transforms."""
+
+    def forward(self, img):
+        from PIL import Image
+
+        if isinstance(img, Image.Image):
+            return img.convert("RGB")
+        return v2.functional.to_pil_image(ToImage()(img))
+
+
+@TRANSFORMS.register("deit")
+def deit_transform(
+    *,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    auto_augment: str = "rand-m9-mstd0.5-inc1",
+    color_jitter: float = 0.3,
+    re_prob: float = 0.25,
+    interpolation: str = "bicubic",
+) -> Callable:
+    """DeiT-LT student view (METHODS.md §6.3); the arguments default to the official ones."""
+    from timm.data import create_transform as timm_transform
+
+    t = timm_transform(image_size, is_training=True, color_jitter=color_jitter, auto_augment=auto_augment,
+                       interpolation=interpolation, re_prob=re_prob, re_mode="pixel", re_count=1,
+                       mean=tuple(mean), std=tuple(std))
+    if image_size <= 32:  # as build_transform_deit: no resized crop for CIFAR-sized inputs
+        from torchvision import transforms as tv1
+
+        t.transforms[0] = tv1.RandomCrop(image_size, padding=4)
+        return v2.Compose([ToImage(), ResizeIfNeeded(image_size), ToPIL(), *t.transforms])
+    return v2.Compose([ToPIL(), *t.transforms])
+
+
 @TRANSFORMS.register("simclr")
 def simclr_transform(*, image_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
     """PaCo key view (MoCo v2 / SimCLR): RRC(0.2-1), jitter p 0.8, grayscale p 0.2, blur p 0.5, HFlip.
@@ -198,7 +238,7 @@ def create_transform(name: str, *, image_size: int, mean: Sequence[float], std: 
     """Build the transform registered as ``name`` (``TRANSFORMS.names()`` lists them).
 
     Args:
-        name: test, standard, cbd_augmented, paco_query, paco_query_randaug or simclr.
+        name: test, standard, cbd_augmented, paco_query, paco_query_randaug, deit or simclr.
         image_size: output side in pixels.
         mean: per-channel normalization mean (CIFAR_MEAN, IMAGENET_MEAN, DEFAULT_MEAN, ...).
         std: per-channel normalization std.
@@ -207,3 +247,38 @@ def create_transform(name: str, *, image_size: int, mean: Sequence[float], std: 
     if image_size < 1:
         raise ValueError(f"image_size must be >= 1, got {image_size}")
     return TRANSFORMS.create(name, image_size=image_size, mean=mean, std=std, **kwargs)
+
+
+class BatchAdapter(nn.Module):
+    """Re-prepare a normalised image batch for another network: resize, then swap the normalisation.
+
+    DeiT-LT feeds its teacher the student's augmented and mixed batch through ``Resize(teacher_size, bicubic)``
+    (torchvision 0.15 on tensors: no antialias, METHODS.md §6.2). ``renormalize=True`` first undoes the student's
+    normalisation and applies the teacher's own; ``False`` is the official behaviour (the teacher receives the
+    student-normalised tensor as is).
+
+    Args:
+        size: output side (None keeps the size).
+        src_mean, src_std: normalisation of the incoming batch.
+        dst_mean, dst_std: normalisation the receiving network was trained with.
+        renormalize: swap the normalisation (True) or only resize (False).
+        interpolation: ``bicubic`` (official) or ``bilinear``.
+    """
+
+    def __init__(self, size: int | None, src_mean: Sequence[float], src_std: Sequence[float],
+                 dst_mean: Sequence[float], dst_std: Sequence[float], renormalize: bool = True,
+                 interpolation: str = "bicubic") -> None:
+        super().__init__()
+        if interpolation not in ("bicubic", "bilinear"):
+            raise ValueError(f"interpolation {interpolation!r}; valid: bicubic, bilinear")
+        self.size, self.renormalize, self.interpolation = size, bool(renormalize), interpolation
+        for name, v in (("src_mean", src_mean), ("src_std", src_std), ("dst_mean", dst_mean), ("dst_std", dst_std)):
+            self.register_buffer(name, torch.tensor(list(v), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size is not None and tuple(x.shape[-2:]) != (self.size, self.size):
+            x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode=self.interpolation,
+                                                align_corners=False)
+        if self.renormalize:
+            x = (x * self.src_std + self.src_mean - self.dst_mean) / self.dst_std
+        return x

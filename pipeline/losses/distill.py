@@ -1,4 +1,12 @@
-"""Class-Balanced Distillation (CBD) feature-distillation loss.
+"""Distillation losses: CBD feature distillation and DeiT-LT hard distillation.
+
+DeiT-LT (Rangwani et al., CVPR 2024; val-iisc/DeiT-LT ``losses.DistillationLoss`` with ``distillation_type='hard'``,
+METHODS.md §6.4): ``L = (1−α)·L_cls + α·L_dist`` with α = 0.5, where ``L_cls`` is the CLS head against the ground
+truth (soft-target CE on Mixup/label-smoothed targets before DRW; plain CE on hard labels after it with
+``no_mixup_drw``) and ``L_dist = CE(dist_logits, argmax teacher_logits, weight=w)``, ``w`` the class-balanced DRW
+weights indexed by the teacher-predicted class (PyTorch's weighted mean: ÷ Σ of the targets' weights).
+
+CBD:
 
 Reference: Iscen et al., "Class-Balanced Distillation for Long-Tailed Visual Recognition", BMVC 2021, Eq. (3)-(4);
 official google-research ``class_balanced_distillation/train.py`` (``compute_feat_distillation``) and
@@ -14,6 +22,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -67,3 +76,53 @@ class CBDDistillLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, beta={self.beta}"
+
+
+def soft_target_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """timm's ``SoftTargetCrossEntropy``: ``mean_i Σ_c −t_ic · log_softmax(z)_ic`` for (B, C) targets."""
+    return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
+
+
+def deit_lt_loss_parts(
+    cls_logits: Tensor,
+    dist_logits: Tensor,
+    cls_targets: Tensor,
+    teacher_logits: Tensor,
+    dist_class_weight: Tensor | None = None,
+    alpha: float = 0.5,
+) -> dict[str, Tensor]:
+    """:func:`deit_lt_loss` with its parts: ``{'loss', 'cls', 'dist'}`` (the parts unweighted by α)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    if cls_targets.ndim == 2:
+        l_cls = soft_target_cross_entropy(cls_logits, cls_targets)
+    else:
+        l_cls = F.cross_entropy(cls_logits, cls_targets)
+    hard = teacher_logits.detach().argmax(dim=1)  # (B,) the teacher's class
+    weight = None if dist_class_weight is None else dist_class_weight.to(dist_logits.dtype)
+    l_dist = F.cross_entropy(dist_logits, hard, weight=weight)
+    return {"loss": (1.0 - alpha) * l_cls + alpha * l_dist, "cls": l_cls, "dist": l_dist}
+
+
+def deit_lt_loss(
+    cls_logits: Tensor,
+    dist_logits: Tensor,
+    cls_targets: Tensor,
+    teacher_logits: Tensor,
+    dist_class_weight: Tensor | None = None,
+    alpha: float = 0.5,
+) -> Tensor:
+    """DeiT-LT's hard-distillation loss ``(1−α)·L_cls + α·L_dist`` (METHODS.md §6.4).
+
+    Args:
+        cls_logits: CLS-head logits (B, C).
+        dist_logits: DIST-head logits (B, C).
+        cls_targets: (B, C) soft targets (Mixup + label smoothing) → soft-target CE; or (B,) labels → plain CE.
+        teacher_logits: (B, C) raw teacher logits; the DIST target is their argmax (no gradient).
+        dist_class_weight: optional (C,) weight of the DIST CE, indexed by the teacher-predicted class (DRW).
+        alpha: weight of the distillation term (0.5).
+
+    Returns:
+        A scalar.
+    """
+    return deit_lt_loss_parts(cls_logits, dist_logits, cls_targets, teacher_logits, dist_class_weight, alpha)["loss"]

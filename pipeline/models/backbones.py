@@ -1,9 +1,14 @@
-"""Backbones, created through timm; this module registers the CIFAR ResNets of LDAM-DRW.
+"""Backbones, created through timm; this module registers the CIFAR ResNets of LDAM-DRW and small distilled ViTs.
 
 ResNet-32 follows kaidic/LDAM-DRW ``models/resnet_cifar.py`` (METHODS.md §2.1): a 3x3 stem of 16 channels, three
 stages of 16/32/64 channels with strides 1/2/2, option-A shortcuts (stride-2 subsampling and zero-padded channels),
 global average pooling to 64-d, Kaiming-normal init of every conv and linear weight. ``cifar_resnet8`` is the same
 network with one block per stage: the fast model for CPU runs.
+
+The ``deit_lt_*_patch4_32`` models are timm's ``VisionTransformerDistilled`` (DeiT's CLS and DIST tokens, METHODS.md
+§6.1) sized for 32×32 inputs on a CPU: patch 4 (64 patches + 2 prefix tokens), qkv bias, LayerNorm eps 1e-6, drop
+path 0.1 set by the recipe. Their width and depth were chosen by measured training throughput on this project's
+2-core CPU (docs/recipes.md). The paper presets use timm's own ``deit_base_distilled_patch16_224`` at 224.
 
 Every backbone is created with ``num_classes=0`` so that ``model(x)`` returns pooled features (B, num_features);
 the classifier is a separate head (``pipeline.models.heads``).
@@ -15,7 +20,9 @@ import logging
 
 import timm
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.deit import VisionTransformerDistilled
 from torch import Tensor, nn
 
 from pipeline.registry import UnknownNameError
@@ -89,12 +96,25 @@ def _cfg(**kwargs: object) -> dict:
                 classifier="head", **kwargs)
 
 
+def _vit_cfg(**kwargs: object) -> dict:
+    # DeiT-LT normalises with the ImageNet statistics at every resolution (timm create_transform defaults, §6.3)
+    return dict(num_classes=10, input_size=(3, 32, 32), mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+                interpolation="bicubic", first_conv="patch_embed.proj", classifier=("head", "head_dist"),
+                fixed_input_size=True, **kwargs)
+
+
 # timm reads the module-level ``default_cfgs`` of the registering module (ECOSYSTEM.md §6)
 default_cfgs = generate_default_cfgs({
     "cifar_resnet8.untrained": _cfg(),
     "cifar_resnet20.untrained": _cfg(),
     "cifar_resnet32.untrained": _cfg(),
+    "deit_lt_nano_patch4_32.untrained": _vit_cfg(),
+    "deit_lt_tiny_patch4_32.untrained": _vit_cfg(),
+    "deit_lt_small_patch4_32.untrained": _vit_cfg(),
 })
+
+#: (embed_dim, depth, num_heads) of the 32×32 distilled ViTs
+VIT_SIZES = {"nano": (64, 4, 4), "tiny": (128, 6, 4), "small": (192, 8, 6)}
 
 
 def _create(variant: str, blocks: int, pretrained: bool, **kwargs: object) -> CifarResNet:
@@ -116,6 +136,31 @@ def cifar_resnet20(pretrained: bool = False, **kwargs: object) -> CifarResNet:
 def cifar_resnet32(pretrained: bool = False, **kwargs: object) -> CifarResNet:
     """ResNet-32 of LDAM-DRW, PaCo, Saddle-LongTail and DeiT-LT's CIFAR teachers (METHODS.md §2.1)."""
     return _create("cifar_resnet32", 5, pretrained, **kwargs)
+
+
+def _create_vit(size: str, pretrained: bool, **kwargs: object) -> VisionTransformerDistilled:
+    dim, depth, heads = VIT_SIZES[size]
+    args = dict(img_size=32, patch_size=4, embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=4.0, qkv_bias=True)
+    return build_model_with_cfg(VisionTransformerDistilled, f"deit_lt_{size}_patch4_32", pretrained,
+                                **{**args, **kwargs})
+
+
+@register_model
+def deit_lt_nano_patch4_32(pretrained: bool = False, **kwargs: object) -> VisionTransformerDistilled:
+    """Distilled ViT for 32×32 inputs: patch 4, width 64, depth 4, 4 heads (the default run's DeiT-LT student)."""
+    return _create_vit("nano", pretrained, **kwargs)
+
+
+@register_model
+def deit_lt_tiny_patch4_32(pretrained: bool = False, **kwargs: object) -> VisionTransformerDistilled:
+    """Distilled ViT for 32×32 inputs: patch 4, width 128, depth 6, 4 heads."""
+    return _create_vit("tiny", pretrained, **kwargs)
+
+
+@register_model
+def deit_lt_small_patch4_32(pretrained: bool = False, **kwargs: object) -> VisionTransformerDistilled:
+    """Distilled ViT for 32×32 inputs: patch 4, width 192, depth 8, 6 heads."""
+    return _create_vit("small", pretrained, **kwargs)
 
 
 def create_backbone(name: str, *, pretrained: bool = False, checkpoint_file: str | None = None, **kwargs: object):

@@ -29,15 +29,20 @@ class LinearHead(nn.Linear):
     """``nn.Linear`` with bias (the joint classifier of classifier-balancing, ERM, PaCo's centers).
 
     Args:
-        init: 'default' (PyTorch's kaiming-uniform) or 'kaiming_normal' (LDAM-DRW's init of every Linear).
+        init: 'default' (PyTorch's kaiming-uniform), 'kaiming_normal' (LDAM-DRW's init of every Linear) or
+            'trunc_normal' (DeiT's heads: truncated normal std 0.02, zero bias).
     """
 
     def __init__(self, in_features: int, num_classes: int, bias: bool = True, init: str = "default") -> None:
         super().__init__(in_features, num_classes, bias=bias)
         if init == "kaiming_normal":
             nn.init.kaiming_normal_(self.weight)
+        elif init == "trunc_normal":
+            nn.init.trunc_normal_(self.weight, std=0.02)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
         elif init != "default":
-            raise ValueError(f"unknown linear init {init!r}; valid: default, kaiming_normal")
+            raise ValueError(f"unknown linear init {init!r}; valid: default, kaiming_normal, trunc_normal")
 
 
 @HEADS.register("normed")

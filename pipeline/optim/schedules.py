@@ -10,6 +10,10 @@ Each function reproduces one official recipe (METHODS.md), including its quirks:
 * ``cosine_lr``: ``CosineAnnealingLR(T_max=epochs)`` stepped after each epoch (Saddle-LongTail ``--cos_lr``).
 * ``cosine_lr_classifier_balancing``: classifier-balancing ``run_networks.py`` (§5.1) steps the scheduler at the
   start of each epoch, so epoch k uses step k+1 and the last epoch has lr 0.
+* ``timm_cosine_lr``: timm ``CosineLRScheduler`` as DeiT / DeiT-LT build it (§6.5): linear warm-up from
+  ``warmup_lr`` over ``warmup`` epochs, then ``min_lr + ½(base − min_lr)(1 + cos(π·e/epochs))`` (the cosine phase
+  counts from epoch 0, timm's ``warmup_prefix=False``). Departure: evaluated at the start of each epoch; DeiT-LT's
+  CIFAR scripts step it per iteration at fractional epochs (accum-iter 4), its other scripts once per epoch.
 * rho schedules: Saddle-LongTail ``cifar_train_sam.py: adjust_rho`` (§3.2), with 1-based e inside.
 
 ``create_lr_schedule`` / ``create_rho_schedule`` bind the keyword arguments and return ``epoch -> value``.
@@ -131,6 +135,20 @@ def cosine_lr_classifier_balancing(epoch: int, base_lr: float, epochs: int, eta_
     return eta_min + (base_lr - eta_min) * 0.5 * (1.0 + math.cos(math.pi * (epoch + 1) / epochs))
 
 
+def timm_cosine_lr(epoch: int, base_lr: float, epochs: int, warmup: int = 5, warmup_lr: float = 1e-6,
+                   min_lr: float = 1e-5) -> float:
+    """timm ``CosineLRScheduler(t_initial=epochs, lr_min, warmup_t, warmup_lr_init)`` at 0-based epoch ``epoch``.
+
+    DeiT-LT: warm-up 5 epochs from 1e-6, minimum 1e-5 (METHODS.md §6.5).
+    """
+    _check_epoch(epoch)
+    if epoch < warmup:
+        return warmup_lr + epoch * (base_lr - warmup_lr) / warmup
+    if epoch >= epochs:
+        return min_lr
+    return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * epoch / epochs))
+
+
 LR_SCHEDULES: Registry[Schedule] = Registry("lr schedule")
 
 
@@ -161,6 +179,7 @@ _register_lr("paco_cifar", paco_cifar_lr, uses_epochs=False)
 _register_lr("paco_cosine", paco_cosine_lr, uses_epochs=True)
 _register_lr("cosine", cosine_lr, uses_epochs=True)
 _register_lr("cosine_classifier_balancing", cosine_lr_classifier_balancing, uses_epochs=True)
+_register_lr("timm_cosine", timm_cosine_lr, uses_epochs=True)
 
 
 def create_lr_schedule(name: str, *, base_lr: float, epochs: int, **kwargs: Any) -> Schedule:
@@ -269,6 +288,7 @@ __all__ = [
     "cosine_lr",
     "cosine_lr_classifier_balancing",
     "create_lr_schedule",
+    "timm_cosine_lr",
     "create_rho_schedule",
     "ldam_drw_lr",
     "paco_cifar_lr",

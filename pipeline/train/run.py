@@ -37,9 +37,9 @@ from pipeline.train.trainer import Trainer, TrainerConfig, seed_everything
 logger = logging.getLogger(__name__)
 
 
-def make_val_fn(ctx: BuildContext, device: torch.device):
+def make_val_fn(ctx: BuildContext, device: torch.device, input_spec: dict | None = None):
     """Validation accuracy of the main head (for logging and ``select: best_val``); None without a val split."""
-    loader = create_eval_loader(ctx, "val", device=device)
+    loader = create_eval_loader(ctx, "val", device=device, input_spec=input_spec)
     if loader is None:
         return None
     d = ctx.dataset
@@ -55,16 +55,21 @@ def make_val_fn(ctx: BuildContext, device: torch.device):
 
 def fit_method(method: Method, cfg: TrainConfig, ctx: BuildContext, checkpoint_dir: Path, tracker: Any,
                stop_after_epochs: int | None = None, extra_hash: Any = None) -> tuple[Trainer, torch.device]:
-    """Train ``method`` as ``cfg`` says, resuming from ``checkpoint_dir/checkpoint.pt`` when it matches."""
+    """Train ``method`` as ``cfg`` says, resuming from ``checkpoint_dir/checkpoint.pt`` when it matches.
+
+    Images are prepared as the exported network's ``spec["input"]`` says (its own, or its source network's).
+    """
     device = resolve_device(cfg.device)
+    input_spec = method.export().spec.get("input")
     trainer = Trainer(
-        method, create_updater(cfg), create_optimizer(cfg, method), create_train_loader(cfg, ctx, device),
+        method, create_updater(cfg), create_optimizer(cfg, method),
+        create_train_loader(cfg, ctx, device, input_spec=input_spec),
         TrainerConfig(epochs=cfg.epochs, lr_schedule=create_lr(cfg), seed=cfg.seed, amp=cfg.amp,
                       grad_clip=cfg.grad_clip, select=cfg.select, checkpoint_path=checkpoint_dir / "checkpoint.pt",
                       config_hash=config_hash({"train": asdict(cfg), "extra": extra_hash, "code": code_fingerprint(),
                                                "dataset": ctx.manifest["train_counts"]}),
                       stop_after_epochs=stop_after_epochs),
-        device=device, tracker=tracker, val_fn=make_val_fn(ctx, device) if cfg.select == "best_val" or
+        device=device, tracker=tracker, val_fn=make_val_fn(ctx, device, input_spec) if cfg.select == "best_val" or
         ctx.manifest["split_sizes"].get("val") else None,
     )
     trainer.fit()
@@ -80,7 +85,8 @@ def write_outputs(method: Method, trainer: Trainer, ctx: BuildContext, out_dir: 
         net = method.export()
         save_network(net, tmp)
         net.eval()
-        loaders = {s: create_eval_loader(ctx, s, device=device) for s in ("train", "val", "test")}
+        loaders = {s: create_eval_loader(ctx, s, device=device, input_spec=net.spec.get("input"))
+                   for s in ("train", "val", "test")}
         metrics = dump_model_outputs(method.predict, net.forward_features, loaders, device, tmp, ctx.class_counts,
                                      d.many, d.few)
         summary = {"heads": list(method.head_names), "test": metrics.get("test", {}), "val": metrics.get("val", {}),

@@ -29,7 +29,8 @@ from pipeline.build import (
     create_updater,
 )
 from pipeline.compose import compose
-from pipeline.config import DatasetConfig, TrainConfig, to_schema
+from pipeline.build import to_schema
+from pipeline.config import DatasetConfig, TrainConfig
 from pipeline.data import build_longtail, load_source, save_dataset
 from pipeline.train.run import train_and_export
 from pipeline.train.trainer import Trainer, TrainerConfig, seed_everything

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from pipeline.compose import compose
-from pipeline.config import SCHEMAS, load_section
+from pipeline.build import load_section
+from pipeline.config import SCHEMAS
 
 pytestmark = pytest.mark.pipeline
 

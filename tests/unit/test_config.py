@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.build import load_section, to_schema
 from pipeline.config import (
     ConfigError,
     DatasetConfig,
@@ -18,8 +19,6 @@ from pipeline.config import (
     ModelConfig,
     RebalanceConfig,
     TrainConfig,
-    load_section,
-    to_schema,
 )
 
 TEACHER = {

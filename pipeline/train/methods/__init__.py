@@ -2,7 +2,8 @@
 
 from pipeline.train.methods.cbd import CBD
 from pipeline.train.methods.decoupled import Decoupled
+from pipeline.train.methods.deit_lt import DeiTLT
 from pipeline.train.methods.erm import ERM
 from pipeline.train.methods.paco import PaCo
 
-__all__ = ["CBD", "Decoupled", "ERM", "PaCo"]
+__all__ = ["CBD", "Decoupled", "DeiTLT", "ERM", "PaCo"]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import timm
 import torch
 from torch.utils.data import DataLoader
@@ -231,6 +232,16 @@ def _model_ref(ref: str) -> str:
     return ref if "/" in ref else f"teachers/{ref}"
 
 
+def _check_even_batches(cfg: TrainConfig, ctx: BuildContext) -> None:
+    """Mixup needs every batch even: with ``drop_last: false`` the epoch's last batch must be too."""
+    labels = load_split(str(ctx.dataset_dir), "train").labels
+    sampler = create_sampler(cfg.sampler, labels=labels, seed=cfg.seed, num_epochs=cfg.epochs, **cfg.sampler_args)
+    last = len(sampler) % cfg.batch_size
+    if last % 2:
+        raise ConfigError(f"method deit_lt: an epoch of {len(sampler)} samples ends in a batch of {last} (odd), which "
+                          f"Mixup cannot pair; set drop_last: true or an even epoch length")
+
+
 @METHOD_BUILDERS.register("deit_lt")
 def _build_deit_lt(cfg: TrainConfig, ctx: BuildContext) -> Method:
     from timm.data import Mixup
@@ -247,18 +258,120 @@ def _build_deit_lt(cfg: TrainConfig, ctx: BuildContext) -> Method:
     if cfg.batch_size % 2:
         raise ConfigError(f"method deit_lt: batch_size must be even (Mixup pairs each image with the flipped "
                           f"batch), got {cfg.batch_size}")
+    mixup_args = args.pop("mixup", None)
+    if mixup_args and not cfg.drop_last:
+        _check_even_batches(cfg, ctx)
     teacher = load_network(model_dir(ctx, _model_ref(ref)))
     student_in = resolve_input(cfg.input, ctx.dataset)
     teacher_in = teacher.spec.get("input") or resolve_input(None, ctx.dataset)
     adapter = BatchAdapter(teacher_in["size"], student_in["mean"], student_in["std"], teacher_in["mean"],
                            teacher_in["std"], renormalize=args.pop("teacher_renormalize", True))
-    mixup_args = args.pop("mixup", None)
     mixup = Mixup(**{"mode": "batch", **mixup_args}, num_classes=ctx.num_classes) if mixup_args else None
     drw = cfg.drw_epoch if cfg.class_weight == "drw" else None
     if cfg.class_weight not in ("none", "drw"):
         raise ConfigError(f"method deit_lt: class_weight {cfg.class_weight!r}; valid: none, drw (on the DIST head)")
     return DeiTLT(Network(_spec(cfg, ctx)), teacher, adapter, ctx.class_counts, mixup=mixup, drw_epoch=drw,
                   cb_beta=cfg.cb_beta, **args)
+
+
+class _QueryEncoder(torch.nn.Module):
+    """RAC's frozen encoder E on the student's batches: re-prepare them for E, then embed (B, D)."""
+
+    def __init__(self, adapter: torch.nn.Module, embed: torch.nn.Module, use_forward_features: bool) -> None:
+        super().__init__()
+        self.adapter, self.embed, self.use_forward_features = adapter, embed, use_forward_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.adapter(x)
+        return self.embed.forward_features(x) if self.use_forward_features else self.embed.encode(x)
+
+
+def rac_memory(index_name: str, ctx: BuildContext, edits: dict | None = None) -> tuple[Any, dict, dict]:
+    """The retrieval memory of ``data/index/<index_name>`` with ``edits`` applied, its encoder config and the
+    features of every split under that encoder (``pipeline.index.encoders.split_features``)."""
+    import json
+
+    from pipeline.index.encoders import split_features
+    from pipeline.index.memory import RetrievalMemory
+    from pipeline.index.neighbours import edit_memory
+
+    index_dir = ctx.data_root / "index" / index_name
+    if not (index_dir / "stats.json").is_file():
+        raise ConfigError(f"index {index_name!r} not found at {index_dir}: no index stage produces it "
+                          "(check method_args.index)")
+    enc = json.loads((index_dir / "stats.json").read_text())["encoder"]
+    memory = RetrievalMemory.load(index_dir)
+    splits = split_features(ctx.dataset_dir, enc["type"], enc["model"], checkpoint_file=enc.get("checkpoint_file"),
+                            teacher_dir=ctx.data_root / "teachers" / enc["model"] if enc["type"] == "teacher" else None)
+    edits = dict(edits or {})
+    unknown = set(edits) - {"add_splits", "remove_classes", "remove_ids"}
+    if unknown:
+        raise ConfigError(f"memory edits: unknown key(s) {sorted(unknown)}; valid: add_splits, remove_classes, "
+                          "remove_ids")
+    add = [s for s in edits.get("add_splits") or []]
+    for s in add:
+        if s not in splits or s == "train":
+            raise ConfigError(f"memory edits: add_splits names {s!r}; valid: "
+                              f"{', '.join(k for k in splits if k != 'train') or 'none (no val/test split)'}")
+    if add or edits.get("remove_classes") or edits.get("remove_ids"):
+        memory = edit_memory(
+            memory,
+            add_vectors=np.concatenate([splits[s]["features"] for s in add]) if add else None,
+            add_ids=np.concatenate([splits[s]["ids"] for s in add]) if add else None,
+            add_labels=np.concatenate([splits[s]["labels"] for s in add]) if add else None,
+            remove_classes=edits.get("remove_classes") or (), remove_ids=edits.get("remove_ids") or ())
+    return memory, enc, splits
+
+
+def _rac_encoder(enc: dict, ctx: BuildContext, student_in: dict) -> torch.nn.Module:
+    from pipeline.data.transforms import BatchAdapter
+    from pipeline.index.encoders import create_encoder
+
+    if enc["type"] == "teacher":
+        net = load_network(model_dir(ctx, f"teachers/{enc['model']}"))
+        target = net.spec.get("input") or resolve_input(None, ctx.dataset)
+        adapter = BatchAdapter(target["size"], student_in["mean"], student_in["std"], target["mean"], target["std"])
+        return _QueryEncoder(adapter, net, use_forward_features=True)
+    kw = {"checkpoint_file": enc.get("checkpoint_file")} if enc["type"] == "timm" else {
+        "pretrained": enc.get("checkpoint_file")}
+    encoder = create_encoder(enc["type"], model=enc["model"], **kw)
+    size = encoder.input_size[0] if encoder.input_size else None
+    adapter = BatchAdapter(size, student_in["mean"], student_in["std"], encoder.mean.flatten().tolist(),
+                           encoder.std.flatten().tolist())
+    return _QueryEncoder(adapter, encoder, use_forward_features=False)
+
+
+@METHOD_BUILDERS.register("rac")
+def _build_rac(cfg: TrainConfig, ctx: BuildContext) -> Method:
+    from pipeline.index.neighbours import Retriever
+    from pipeline.index.text import create_text_encoder
+    from pipeline.models.retrieval import RetrievalBranch
+    from pipeline.train.methods.rac import RAC, precompute_texts
+
+    args = dict(cfg.method_args)
+    index_name = args.pop("index", None)
+    if not index_name:
+        raise ConfigError("method rac needs method_args.index: the index stage whose memory it reads (e.g. ce)")
+    k = int(args.pop("k", 30))
+    memory, enc, splits = rac_memory(index_name, ctx, args.pop("memory", None))
+    if not 1 <= k <= len(memory) - 1:
+        raise ConfigError(f"method rac: k={k} is larger than the memory allows ({len(memory)} entries, one of them "
+                          "the query itself); lower method_args.k")
+    retriever = Retriever(memory, k)
+    text = dict(args.pop("text_encoder", None) or {"name": "bow"})
+    branch = RetrievalBranch(create_text_encoder(text.pop("name"), **text), ctx.num_classes)
+    neighbours = args.pop("neighbours", "precomputed")
+    if neighbours not in ("precomputed", "per_batch"):
+        raise ConfigError(f"method rac: neighbours {neighbours!r}; valid: precomputed, per_batch")
+    if args:
+        raise ConfigError(f"method rac: unknown method_args {sorted(args)}; valid: index, k, memory, text_encoder, "
+                          "neighbours")
+    train = splits["train"]
+    texts = precompute_texts(retriever, train["features"], train["ids"]) if neighbours == "precomputed" else None
+    student_in = resolve_input(cfg.input, ctx.dataset)
+    loss = create_loss(cfg.loss, class_counts=ctx.class_counts, **cfg.loss_args)
+    return RAC(Network(_spec(cfg, ctx)), branch, _rac_encoder(enc, ctx, student_in), retriever, loss,
+               train_texts=texts, train_ids=train["ids"])
 
 
 def create_method(cfg: TrainConfig, ctx: BuildContext) -> Method:

@@ -162,6 +162,16 @@ class IndexConfig:
 
 
 @dataclass
+class MemoryConfig:
+    """One ``memory.<name>`` entry: a trained RAC student scored against a changed memory, weights untouched."""
+
+    model: str = "rac"  # students/<model>
+    add_splits: list[str] = field(default_factory=list)  # labelled splits whose images join the memory (val)
+    remove_classes: list[int] = field(default_factory=list)  # classes whose entries leave the memory
+    remove_ids: list[int] = field(default_factory=list)  # single entries (sample ids) that leave the memory
+
+
+@dataclass
 class EvaluateConfig:
     ensembles: dict[str, list[str]] = field(default_factory=dict)
     plots_top: int = 8
@@ -173,6 +183,7 @@ SCHEMAS: dict[str, type] = {
     "students": TrainConfig,
     "index": IndexConfig,
     "rebalance": RebalanceConfig,
+    "memory": MemoryConfig,
     "evaluate": EvaluateConfig,
 }
 

@@ -14,7 +14,13 @@ def main(args: argparse.Namespace) -> None:
     from pipeline.config import as_dict
     from pipeline.data import load_manifest
     from pipeline.evaluate.plots import plot_per_class_accuracy, plot_split_bars
-    from pipeline.evaluate.report import build_report, collect_outputs, per_class_rows, summary_markdown
+    from pipeline.evaluate.report import (
+        build_report,
+        collect_outputs,
+        multi_head_models,
+        per_class_rows,
+        summary_markdown,
+    )
     from pipeline.io import write_json
     from pipeline.tracking import create_tracker
 
@@ -35,6 +41,9 @@ def main(args: argparse.Namespace) -> None:
     plot_per_class_accuracy({k: report["per_class"][k] for k in top}, manifest["train_counts"],
                             REPORTS / "plots" / "per_class_accuracy.png")
     plot_split_bars(top, REPORTS / "plots" / "split_accuracy.png")
+    for model, keys in multi_head_models(report).items():  # each head's per-class accuracy against class frequency
+        plot_per_class_accuracy({k.split(":", 1)[1]: report["per_class"][k] for k in keys}, manifest["train_counts"],
+                                REPORTS / "plots" / f"heads_{model.replace('/', '_')}.png")
     shutil.copy(DATASET_DIR / "class_counts.png", REPORTS / "plots" / "class_counts.png")
     print(summary)
     with create_tracker("evaluate", "evaluate", {"dataset": manifest["source"]}) as tracker:

@@ -4,8 +4,7 @@ from stages._cli import CHECKPOINTS, DATA, build_context, name_parser, run
 
 
 def main(args) -> None:
-    from pipeline.build import model_dir
-    from pipeline.build import load_section
+    from pipeline.build import load_section, model_dir
     from pipeline.config import as_dict
     from pipeline.rebalance import rebalance
     from pipeline.tracking import create_tracker

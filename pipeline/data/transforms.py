@@ -14,6 +14,9 @@ float32 CHW tensor. Images up to 64 px use the CIFAR recipes, larger ones the Im
   RandAugment ``rand-m9-mstd0.5-inc1``, colour jitter 0.3, bicubic, RandomErasing 0.25 (pixel mode, one box); its
   RandomResizedCrop upsamples CIFAR to 224, and at 32 px or less it is replaced by RandomCrop(pad 4) as officially.
   Normalised with the ImageNet statistics unless the recipe says otherwise. Random draws: Python's ``random``.
+* ``rac``: RAC's training view (Long et al. Tables S6-S7, no official code): RandomResizedCrop with area scale
+  [0.95, 1] ("crop 0.95") and aspect ratio [0.75, 1.33] ("random scale"), HFlip 0.5, timm RandAugment with 3 layers
+  at magnitude 1 (``rand-n3-m1``); the paper normalises with mean = std = 0.5 (the recipe's ``input``).
 * ``simclr``: PaCo's key view ("SimCLR-CIFAR" / ``sim``): RRC(scale 0.2-1) + ColorJitter(0.4,0.4,0.4,0.1) p 0.8 +
   grayscale p 0.2 + GaussianBlur(sigma 0.1-2) p 0.5 + HFlip.
 
@@ -193,6 +196,25 @@ class ToPIL(nn.Module):
         return v2.functional.to_pil_image(ToImage()(img))
 
 
+def _posterize_zero_bits_black(img, bits_to_keep: int, **_: object):
+    """timm's posterize op; 0 bits gives a black image (Pillow < 11 did that, Pillow ≥ 11 raises)."""
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _patch_posterize(t) -> None:
+    """Give every RandAugment posterize op of the timm transform ``t`` the 0-bits-is-black behaviour."""
+    for op in t.transforms:
+        for aug in getattr(op, "ops", ()):
+            if aug.aug_fn.__name__ == "posterize":
+                aug.aug_fn = _posterize_zero_bits_black
+
+
 @TRANSFORMS.register("deit")
 def deit_transform(
     *,
@@ -204,17 +226,35 @@ def deit_transform(
     re_prob: float = 0.25,
     interpolation: str = "bicubic",
 ) -> Callable:
-    """DeiT-LT student view (METHODS.md §6.3); the arguments default to the official ones."""
+    """DeiT-LT student view (METHODS.md §6.3); the arguments default to the official ones.
+
+    Magnitude 10 (a draw of 9 ± 0.5 clipped at 10, about 2 % of draws) makes timm's PosterizeIncreasing keep 0 bits,
+    which Pillow ≥ 11 rejects; the Pillow of the official environment returned a black image, and so does this one.
+    """
     from timm.data import create_transform as timm_transform
 
     t = timm_transform(image_size, is_training=True, color_jitter=color_jitter, auto_augment=auto_augment,
                        interpolation=interpolation, re_prob=re_prob, re_mode="pixel", re_count=1,
                        mean=tuple(mean), std=tuple(std))
+    _patch_posterize(t)
     if image_size <= 32:  # as build_transform_deit: no resized crop for CIFAR-sized inputs
         from torchvision import transforms as tv1
 
         t.transforms[0] = tv1.RandomCrop(image_size, padding=4)
         return v2.Compose([ToImage(), ResizeIfNeeded(image_size), ToPIL(), *t.transforms])
+    return v2.Compose([ToPIL(), *t.transforms])
+
+
+@TRANSFORMS.register("rac")
+def rac_transform(*, image_size: int, mean: Sequence[float], std: Sequence[float],
+                  auto_augment: str = "rand-n3-m1") -> Callable:
+    """RAC training view (Tables S6-S7, as read above)."""
+    from timm.data import create_transform as timm_transform
+
+    t = timm_transform(image_size, is_training=True, scale=(0.95, 1.0), ratio=(0.75, 1.33), hflip=0.5,
+                       auto_augment=auto_augment, color_jitter=0.0, interpolation="bicubic", mean=tuple(mean),
+                       std=tuple(std))
+    _patch_posterize(t)  # rand-n3-m1's Posterize keeps int(0.1 · 4) = 0 bits
     return v2.Compose([ToPIL(), *t.transforms])
 
 
@@ -238,7 +278,7 @@ def create_transform(name: str, *, image_size: int, mean: Sequence[float], std: 
     """Build the transform registered as ``name`` (``TRANSFORMS.names()`` lists them).
 
     Args:
-        name: test, standard, cbd_augmented, paco_query, paco_query_randaug, deit or simclr.
+        name: test, standard, cbd_augmented, paco_query, paco_query_randaug, deit, rac or simclr.
         image_size: output side in pixels.
         mean: per-channel normalization mean (CIFAR_MEAN, IMAGENET_MEAN, DEFAULT_MEAN, ...).
         std: per-channel normalization std.

@@ -1,7 +1,7 @@
 """The comparison across every model of the pipeline: one table, per-class and per-split plots.
 
-Models are found by their ``predictions.npz`` under ``data/{teachers,students,rebalance,index}/<name>/``; each head
-(``test/<head>`` logits) is one row. Teacher ensembles (CBD paper, Table 2) average the teachers' softmax outputs.
+Models are found by their ``predictions.npz`` under ``data/{teachers,students,rebalance,index,memory}/<name>/``;
+each head (``test/<head>`` logits) is one row. Teacher ensembles (CBD paper, Table 2) average the teachers' softmax outputs.
 Names that differ only by a ``_s<seed>`` / ``-seed<seed>`` suffix form one group, reported as mean ± std over seeds.
 """
 
@@ -15,7 +15,7 @@ import numpy as np
 from pipeline.evaluate.metrics import mean_std, per_class_accuracy, shot_accuracy
 from pipeline.evaluate.predict import load_predictions
 
-KINDS = ("teachers", "students", "rebalance", "index")
+KINDS = ("teachers", "students", "rebalance", "index", "memory")
 GROUPS = ("all", "many", "medium", "few")
 _SEED = re.compile(r"(?:[_-](?:s|seed)\d+)$")
 
@@ -87,6 +87,16 @@ def summary_markdown(report: dict) -> str:
     lines += ["", f"Top-1 accuracy (%) on the balanced test set; many > {t['many']}, few < {t['few']} training images, "
               "medium in between; each group is the mean of its classes' accuracies (– = empty group)."]
     return "\n".join(lines) + "\n"
+
+
+def multi_head_models(report: dict) -> dict[str, list[str]]:
+    """``{'<kind>/<name>': [its row keys '<kind>/<name>:<head>', ...]}`` for every model with several heads
+    (DeiT-LT: avg, cls, dist; RAC: fused, base, retrieval; kNN: knn, nn)."""
+    heads: dict[str, list[str]] = {}
+    for key in report["models"]:
+        if ":" in key:
+            heads.setdefault(key.split(":", 1)[0], []).append(key)
+    return {model: keys for model, keys in heads.items() if len(keys) > 1}
 
 
 def per_class_rows(report: dict, counts: list[int]) -> list[dict]:

@@ -14,7 +14,13 @@ from typing import Any
 from torch import nn
 
 from pipeline.losses.ce import CrossEntropyLoss, FocalLoss, class_balanced_weights
-from pipeline.losses.distill import CBDDistillLoss, deit_lt_loss, deit_lt_loss_parts, feature_distillation, soft_target_cross_entropy
+from pipeline.losses.distill import (
+    CBDDistillLoss,
+    deit_lt_loss,
+    deit_lt_loss_parts,
+    feature_distillation,
+    soft_target_cross_entropy,
+)
 from pipeline.losses.drw import DRWSchedule, class_weight_schedule, drw_weights, drw_weights_at
 from pipeline.losses.ldam import LDAMLoss
 from pipeline.losses.logit_adjust import BalancedSoftmaxLoss, LogitAdjustedLoss, logit_adjust_posthoc

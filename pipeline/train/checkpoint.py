@@ -40,6 +40,21 @@ def code_fingerprint(root: str | Path | None = None) -> str:
     return h.hexdigest()[:16]
 
 
+def state_digest(module: torch.nn.Module) -> str:
+    """A hash of every tensor in ``module.state_dict()`` (names, shapes, dtypes, values).
+
+    Taken before training it identifies the run's starting point beyond its config: the weights of frozen teachers
+    and encoders read from other stages' outputs. A retrained teacher then starts its students over instead of
+    resuming a checkpoint distilled from the old one.
+    """
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        t = t.detach().cpu().contiguous().reshape(-1)  # 1-D: 0-d tensors cannot be viewed as bytes
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     return {

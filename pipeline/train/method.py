@@ -75,3 +75,7 @@ class Method(nn.Module):
     def export(self) -> nn.Module:
         """The inference network (a :class:`pipeline.models.network.Network`) saved as ``model.pt``."""
         raise NotImplementedError
+
+    def extra_outputs(self) -> dict[str, dict[str, Tensor]]:
+        """Trained state beyond ``export()`` to write next to ``model.pt``: ``{file name: state_dict}``."""
+        return {}

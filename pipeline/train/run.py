@@ -30,7 +30,7 @@ from pipeline.evaluate.metrics import shot_accuracy
 from pipeline.evaluate.predict import dump_model_outputs, run_over
 from pipeline.io import atomic_dir, write_json
 from pipeline.models.network import save_network
-from pipeline.train.checkpoint import code_fingerprint, config_hash
+from pipeline.train.checkpoint import code_fingerprint, config_hash, state_digest
 from pipeline.train.method import Method
 from pipeline.train.trainer import Trainer, TrainerConfig, seed_everything
 
@@ -67,7 +67,7 @@ def fit_method(method: Method, cfg: TrainConfig, ctx: BuildContext, checkpoint_d
         TrainerConfig(epochs=cfg.epochs, lr_schedule=create_lr(cfg), seed=cfg.seed, amp=cfg.amp,
                       grad_clip=cfg.grad_clip, select=cfg.select, checkpoint_path=checkpoint_dir / "checkpoint.pt",
                       config_hash=config_hash({"train": asdict(cfg), "extra": extra_hash, "code": code_fingerprint(),
-                                               "dataset": ctx.manifest["train_counts"]}),
+                                               "dataset": ctx.manifest["train_counts"], "init": state_digest(method)}),
                       stop_after_epochs=stop_after_epochs),
         device=device, tracker=tracker, val_fn=make_val_fn(ctx, device, input_spec) if cfg.select == "best_val" or
         ctx.manifest["split_sizes"].get("val") else None,
@@ -84,6 +84,8 @@ def write_outputs(method: Method, trainer: Trainer, ctx: BuildContext, out_dir: 
     with atomic_dir(out_dir) as tmp:
         net = method.export()
         save_network(net, tmp)
+        for name, state in method.extra_outputs().items():
+            torch.save(state, tmp / name)
         net.eval()
         loaders = {s: create_eval_loader(ctx, s, device=device, input_spec=net.spec.get("input"))
                    for s in ("train", "val", "test")}

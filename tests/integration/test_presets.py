@@ -3,8 +3,11 @@
 Each YAML is loaded, shrunk (2 epochs, batch 8, PaCo queue 16, no workers, CPU, fp32), validated with the
 ``TrainConfig`` schema, built with ``create_method`` against a tiny synthetic long-tailed dataset and trained for
 two updates by the real ``Trainer`` over the real loader, sampler, transforms, optimizer, updater and lr schedule.
-CBD presets get their teachers from one tiny ``erm_ce`` teacher trained by ``train_and_export`` and copied under each
-teacher name, so a 4-teacher ensemble still has 4 × 64 concatenated feature dimensions.
+CBD and DeiT-LT presets get their teachers from one tiny ``erm_ce`` teacher trained by ``train_and_export`` and copied
+under each teacher name, so a 4-teacher ensemble still has 4 × 64 concatenated feature dimensions. RAC presets read a
+tiny memory over that teacher's features (an exact cosine index), stored under the index name the preset asks for;
+pretrained weights (RAC's ImageNet-21k ViT, a CLIP text tower) are not available offline, so those presets train from
+their random initialisation here.
 """
 
 from __future__ import annotations
@@ -27,9 +30,9 @@ from pipeline.build import (
     create_optimizer,
     create_train_loader,
     create_updater,
+    to_schema,
 )
 from pipeline.compose import compose
-from pipeline.build import to_schema
 from pipeline.config import DatasetConfig, TrainConfig
 from pipeline.data import build_longtail, load_source, save_dataset
 from pipeline.train.run import train_and_export
@@ -59,6 +62,11 @@ def tiny(raw: dict) -> TrainConfig:
         small["drw_epoch"] = 0  # exercise the class-balanced weights within the two updates
     if cfg.method == "paco":
         small["method_args"] = {**cfg.method_args, "queue_size": 2 * BATCH}
+    if cfg.method == "rac":  # the tiny memory holds 18 entries
+        text = {k: v for k, v in cfg.method_args.get("text_encoder", {}).items() if k != "pretrained"}
+        small["method_args"] = {**cfg.method_args, "k": 5, "text_encoder": text}
+    if cfg.model.pretrained:  # no pretrained weights offline
+        small["model"] = replace(cfg.model, pretrained=False)
     return replace(cfg, **small)
 
 
@@ -89,11 +97,36 @@ def ctx(tmp_path_factory) -> BuildContext:
     return ctx
 
 
+def _tiny_index(ctx: BuildContext, name: str) -> None:
+    """A RAC memory over the tiny teacher's train features, as the index stage writes it (memory + stats.json)."""
+    from pipeline.index.encoders import split_features
+    from pipeline.index.memory import RetrievalMemory
+    from pipeline.io import write_json
+
+    dest = ctx.data_root / "index" / name
+    if dest.exists():
+        return
+    _copy_teacher(ctx, "ce")
+    train = split_features(ctx.dataset_dir, "teacher", "ce", teacher_dir=ctx.data_root / "teachers" / "ce")["train"]
+    memory = RetrievalMemory.build(train["features"], train["ids"], train["labels"], [f"class {c}" for c in range(4)],
+                                   kind="exact", metric="cosine")
+    memory.save(dest)
+    write_json(dest / "stats.json", {"encoder": {"type": "teacher", "model": "ce", "checkpoint_file": None}})
+
+
+def _copy_teacher(ctx: BuildContext, name: str) -> None:
+    dest = ctx.data_root / "teachers" / name
+    if not dest.exists():
+        shutil.copytree(ctx.data_root.parent / "teacher", dest)
+
+
 def _with_teachers(cfg: TrainConfig, ctx: BuildContext) -> None:
     for name in cfg.method_args.get("teachers", []):
-        dest = ctx.data_root / "teachers" / name
-        if not dest.exists():
-            shutil.copytree(ctx.data_root.parent / "teacher", dest)
+        _copy_teacher(ctx, name)
+    if "teacher" in cfg.method_args:  # DeiT-LT: teachers/<name>
+        _copy_teacher(ctx, cfg.method_args["teacher"].removeprefix("teachers/"))
+    if cfg.method == "rac":
+        _tiny_index(ctx, cfg.method_args["index"])
 
 
 def train_steps(cfg: TrainConfig, ctx: BuildContext) -> tuple[Trainer, list[torch.Tensor], list[torch.Tensor]]:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.compose import compose
 from pipeline.build import load_section
+from pipeline.compose import compose
 from pipeline.config import SCHEMAS
 
 pytestmark = pytest.mark.pipeline

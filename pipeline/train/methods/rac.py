@@ -159,3 +159,7 @@ class RAC(Method):
 
     def export(self) -> Network:
         return self.network
+
+    def extra_outputs(self) -> dict[str, dict[str, Tensor]]:
+        """The retrieval branch (text encoder + linear layer): with ``model.pt`` the whole trained RAC."""
+        return {"branch.pt": {k: v.detach().cpu() for k, v in self.branch.state_dict().items()}}

@@ -1,4 +1,5 @@
-# `make run`: set up .venv if needed, then reproduce the pipeline offline (dvc repro) and print the table.
+# `make run`: set up .venv if needed, then reproduce the pipeline offline and print the table: every DVC stage as
+# `dvc --wait-for-lock repro --single-item <stage>`, two independent stages at a time (pipeline.orchestrate).
 # `make test`: set up .venv if needed, then run the test suite.
 SHELL := /bin/bash
 VENV := .venv
@@ -24,9 +25,7 @@ $(STAMP): pyproject.toml | $(PY)
 install: $(STAMP)
 
 run: install
-	$(PY) -m pipeline.dvc_locks
-	$(PY) -c "from pipeline.tracking import init_store; init_store('.')"
-	dvc repro
+	$(PY) -m pipeline.orchestrate run -j 2
 	@cat data/reports/summary.md
 
 test: install

@@ -1,38 +1,31 @@
 """The Prefect flow over ``dvc.yaml`` (the only module that imports prefect).
 
-The DAG is defined once, in ``dvc.yaml``. The flow reads DVC's resolved stage graph (``foreach``/``matrix`` expanded)
-from ``dvc.repo.Repo(root).index.graph`` (an internal API: dvc is pinned to 3.67.1 and ``tests/pipeline/test_flow.py``
-guards it against ``dvc stage list``), then submits one task per stage that runs
+The DAG is defined once, in ``dvc.yaml``; the engine lives in :mod:`pipeline.orchestrate` and knows nothing of
+Prefect. The flow reads DVC's resolved stage graph (:func:`pipeline.orchestrate.graph.stage_graph`), applies config
+overrides the way ``dvc exp run -S`` does (:func:`pipeline.orchestrate.overrides.apply_overrides`; the stages then run
+in the workspace, no experiment ref is created), and hands the graph to the shared scheduler
+(:func:`pipeline.orchestrate.execution.run_graph`) with one Prefect task per stage, so independent stages (teachers,
+index builds) run concurrently, at most ``max_parallel`` at a time. Prefect adds what it is for: a UI with run
+parameters, per-stage task runs and logs, and retries.
 
-    dvc --wait-for-lock repro --single-item <stage>
-
-once all its upstream tasks succeeded, at most ``max_parallel`` at a time, so independent stages (teachers, index
-builds) run concurrently (ECOSYSTEM.md §3.2, the pattern of zincware/paraffin). DVC alone decides what to skip:
-tasks use Prefect's ``NO_CACHE`` and report whether DVC ran the stage or found it up to date / in its run cache.
-``--wait-for-lock`` waits on DVC's repo lock; the per-path rwlock fails at once, so a task retries on lock errors
-(and only on them: a failing stage command is not retried). Before each stage, rwlock entries of dead processes
-(a killed earlier run) are cleared (:mod:`pipeline.dvc_locks`).
-
-Config overrides use the Hydra override grammar and are applied exactly as ``dvc exp run -S`` applies them (DVC's own
-``dvc.utils.hydra.compose_and_dump`` when ``hydra.enabled`` is set in the DVC config, else ``apply_overrides`` on the
-params file), then the stages run in the workspace (no experiment ref is created).
+Each task runs ``dvc --wait-for-lock repro --single-item <stage>``
+(:func:`pipeline.orchestrate.execution.run_stage`). DVC alone decides what to skip: tasks use Prefect's ``NO_CACHE``
+and report whether DVC ran the stage or found it up to date / in its run cache. A task retries on DVC lock errors
+and only on them: a failing stage command is not retried.
 
 With MLflow tracking on, the flow opens a parent run and passes its id to every stage through
 ``LONGTAIL_PARENT_RUN_ID``, so each stage's run is its child.
 
 CLI: ``python -m pipeline.flow run [-S key=value ...] [-t target ...] [--force] [-j N]`` runs once (ephemeral
-Prefect); ``python -m pipeline.flow serve`` serves the deployment ``longtail-pipeline/longtail`` for the UI.
+Prefect); ``python -m pipeline.flow serve`` serves the deployment ``longtail-pipeline/longtail`` for the UI. Without
+Prefect, ``python -m pipeline.orchestrate run`` runs the same graph with the same scheduler.
 """
 
 import argparse
 import logging
 import os
-import subprocess
-import sys
-import time
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -41,148 +34,29 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
 from pipeline.dvc_locks import clear_stale_locks
-from pipeline.tracking import PARENT_RUN_ENV, create_tracker, find_repo_root, init_store, tracking_enabled
+from pipeline.orchestrate.execution import (
+    LOCK_RETRIES,
+    LOCK_RETRY_DELAY_S,
+    StageLockError,
+    StageStatus,
+    run_graph,
+    run_stage,
+    threads_per_stage,
+)
+from pipeline.orchestrate.graph import select_stages, stage_graph
+from pipeline.orchestrate.overrides import apply_overrides
+from pipeline.tracking import create_tracker, find_repo_root, init_store, tracking_enabled
 
 logger = logging.getLogger(__name__)
 
 FLOW_NAME = "longtail-pipeline"
 DEPLOYMENT_NAME = "longtail"
-MAX_PARALLEL_LIMIT = 16  # threads of the flow's task runner; the flow itself keeps at most max_parallel in flight
-StageStatus = Literal["ran", "skipped"]
-
-# DVC 3.67.1 messages (dvc/stage/__init__.py, dvc/stage/cache.py, dvc/lock.py, dvc/rwlock.py).
-_LOCK_ERRORS = ("Unable to acquire lock", "is busy, it is being blocked by")
-_RAN = "Running stage '{}'"
-_SKIPPED = ("didn't change, skipping", "is cached - skipping run")
-
-
-class StageLockError(RuntimeError):
-    """``dvc repro`` failed on a DVC lock held by another process (retried)."""
-
-
-class StageFailedError(RuntimeError):
-    """``dvc repro`` of a stage failed for another reason (not retried)."""
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# The stage graph and params
-# --------------------------------------------------------------------------------------------------------------------
-def _stage_name(stage: Any) -> str:
-    """DVC's ``stage.addressing`` as seen from the repo root (``addressing`` itself is relative to the CWD)."""
-    path = stage.path_in_repo.replace(os.sep, "/")
-    return stage.name if path == "dvc.yaml" else f"{path}:{stage.name}"
-
-
-def stage_graph(repo_root: str | os.PathLike[str]) -> dict[str, list[str]]:
-    """Every pipeline stage of the DVC repo → the stages it depends on directly (``foreach``/``matrix`` expanded).
-
-    Nodes without a ``cmd`` (``.dvc`` files of imported data) are dropped. In DVC's graph an edge u→v means
-    "u depends on v" (ECOSYSTEM.md §1.6).
-
-    Args:
-        repo_root: root of the DVC repository.
-
-    Returns:
-        ``{stage name (DVC's addressing from the repo root): sorted upstream stage names}``, upstream first.
-    """
-    import networkx as nx
-    from dvc.repo import Repo
-
-    with Repo(os.fspath(repo_root)) as repo:
-        graph = repo.index.graph
-        stages = [s for s in graph.nodes if getattr(s, "cmd", None)]
-        upstream = {
-            _stage_name(s): sorted(_stage_name(u) for u in graph.successors(s) if getattr(u, "cmd", None))
-            for s in stages
-        }
-        # Upstream first; ties broken by name so runs are reproducible.
-        order = [_stage_name(s) for s in nx.lexicographical_topological_sort(graph.reverse(copy=True), key=_stage_name)]
-    return {name: upstream[name] for name in order if name in upstream}
-
-
-def select_stages(graph: dict[str, list[str]], targets: Iterable[str]) -> dict[str, list[str]]:
-    """Restrict ``graph`` to ``targets`` and everything upstream of them (all stages when ``targets`` is empty).
-
-    A target is a stage name (``teacher@r32``) or a ``foreach``/``matrix`` group (``teacher`` = every ``teacher@*``).
-
-    Raises:
-        ValueError: a target names no stage; the message lists the valid names.
-    """
-    targets = list(targets)
-    if not targets:
-        return dict(graph)
-    wanted: set[str] = set()
-    for target in targets:
-        matched = [name for name in graph if name == target or name.split("@", 1)[0] == target]
-        if not matched:
-            raise ValueError(f"Unknown target {target!r}; valid stages: {', '.join(graph)}")
-        wanted.update(matched)
-    todo = list(wanted)
-    while todo:
-        for up in graph[todo.pop()]:
-            if up not in wanted:
-                wanted.add(up)
-                todo.append(up)
-    return {name: ups for name, ups in graph.items() if name in wanted}
-
-
-def apply_overrides(repo_root: str | os.PathLike[str], overrides: list[str]) -> None:
-    """Apply Hydra-grammar overrides to the params files the way ``dvc exp run -S`` does (DVC 3.67.1
-    ``dvc/repo/experiments/queue/base.py::_update_params``).
-
-    With ``hydra.enabled`` in the DVC config, ``params.yaml`` is recomposed from ``conf/`` (``hydra.config_dir``,
-    ``hydra.config_name``) plus the overrides and overwritten; other files (``file.yaml:key=value``), or all files
-    when Hydra is off, get the overrides applied in place. Does nothing when ``overrides`` is empty.
-
-    Raises:
-        ValueError: a sweep override (``lr=0.1,0.2``), which ``dvc exp run`` accepts only with ``--queue``.
-    """
-    if not overrides:
-        return
-    from dvc.dependency.param import ParamsDependency
-    from dvc.repo import Repo
-    from dvc.utils.cli_parse import to_path_overrides
-    from dvc.utils.hydra import apply_overrides as dvc_apply_overrides
-    from dvc.utils.hydra import compose_and_dump, to_hydra_overrides
-
-    root = Path(repo_root).resolve()
-    path_overrides = to_path_overrides(overrides)
-    sweeps = [x for ovs in path_overrides.values() for x in to_hydra_overrides(ovs) if x.is_sweep_override()]
-    if sweeps:
-        raise ValueError(
-            f"Sweep overrides {[str(x.input_line) for x in sweeps]} are not supported by the flow; run one value per "
-            "flow run, or use `dvc exp run --queue -S ...` + `dvc queue start`"
-        )
-    with Repo(os.fspath(root)) as repo:
-        hydra_config = repo.config.get("hydra", {})
-    hydra_enabled = bool(hydra_config.get("enabled", False))
-    for path, ovs in path_overrides.items():
-        target = root / path
-        if hydra_enabled and path == ParamsDependency.DEFAULT_PARAMS_FILE:
-            config_module = hydra_config.get("config_module")
-            config_dir = None if config_module else os.fspath(root / hydra_config.get("config_dir", "conf"))
-            compose_and_dump(
-                target,
-                config_dir,
-                config_module,
-                hydra_config.get("config_name", "config"),
-                os.fspath(root / hydra_config.get("plugins_path", "")),
-                ovs,
-            )
-            logger.info("Composed %s from %s with %s", target, config_dir or config_module, ovs)
-        else:
-            dvc_apply_overrides(target, ovs)
-            logger.info("Applied %s to %s", ovs, target)
+MAX_PARALLEL_LIMIT = 16  # threads of the flow's task runner; the scheduler keeps at most max_parallel in flight
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # One stage
 # --------------------------------------------------------------------------------------------------------------------
-def parse_status(stage: str, output: str) -> StageStatus:
-    """'ran' when DVC executed the stage command, else 'skipped' (unchanged, or restored from the run cache)."""
-    return "ran" if _RAN.format(stage) in output else "skipped"
-
-
 def _retry_on_lock_error(task: Any, task_run: Any, state: Any) -> bool:
     """Prefect ``retry_condition_fn``: retry only when the stage failed on a DVC lock."""
     try:
@@ -194,31 +68,24 @@ def _retry_on_lock_error(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-def _dvc_env(parent_run_id: str | None) -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("DVC_NO_ANALYTICS", "1")
-    if parent_run_id:
-        env[PARENT_RUN_ENV] = parent_run_id
-    else:
-        env.pop(PARENT_RUN_ENV, None)
-    return env
-
-
 @task(
     cache_policy=NO_CACHE,  # DVC's dvc.lock and run cache alone decide what to skip
-    retries=3,
-    retry_delay_seconds=5,
+    retries=LOCK_RETRIES,
+    retry_delay_seconds=LOCK_RETRY_DELAY_S,
     retry_condition_fn=_retry_on_lock_error,
     task_run_name="dvc:{stage}",
 )
-def repro_stage(stage: str, repo_root: str, force: bool = False, parent_run_id: str | None = None) -> StageStatus:
-    """Run ``dvc --wait-for-lock repro --single-item <stage>`` in ``repo_root``, streaming its output to the log.
+def repro_stage(
+    stage: str, repo_root: str, force: bool = False, parent_run_id: str | None = None, threads: int | None = None
+) -> StageStatus:
+    """Run ``dvc --wait-for-lock repro --single-item <stage>`` in ``repo_root``, streaming its output to the run log.
 
     Args:
         stage: stage name (``teacher@r32``).
         repo_root: root of the DVC repository.
         force: pass ``--force`` (run even when up to date).
         parent_run_id: MLflow parent run id exported to the stage as ``LONGTAIL_PARENT_RUN_ID``.
+        threads: ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` of the stage unless set already; ``None`` leaves them.
 
     Returns:
         'ran' or 'skipped'.
@@ -227,42 +94,7 @@ def repro_stage(stage: str, repo_root: str, force: bool = False, parent_run_id: 
         StageLockError: DVC could not take a lock (the task is retried).
         StageFailedError: the stage failed (not retried).
     """
-    log = get_run_logger()
-    for msg in clear_stale_locks(repo_root):
-        log.warning("Cleared stale DVC lock: %s", msg)
-    cmd = [sys.executable, "-m", "dvc", "--wait-for-lock", "repro", "--single-item", stage]
-    if force:
-        cmd.append("--force")
-    log.info("$ %s", " ".join(cmd[2:]))
-    started = time.perf_counter()
-    lines: list[str] = []
-    with subprocess.Popen(
-        cmd,
-        cwd=repo_root,
-        env=_dvc_env(parent_run_id),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        bufsize=1,
-        errors="replace",
-    ) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip()
-            lines.append(line)
-            if line:
-                log.info("%s", line)
-        returncode = proc.wait()
-    output = "\n".join(lines)
-    if returncode != 0:
-        tail = "\n".join(lines[-20:])
-        if any(marker in output for marker in _LOCK_ERRORS):
-            raise StageLockError(f"dvc repro {stage} hit a DVC lock (exit {returncode}); retrying:\n{tail}")
-        raise StageFailedError(f"dvc repro {stage} failed with exit code {returncode}:\n{tail}")
-    status = parse_status(stage, output)
-    log.info("Stage %s %s in %.1f s", stage, status, time.perf_counter() - started)
-    return status
+    return run_stage(stage, repo_root, force=force, parent_run_id=parent_run_id, threads=threads, log=get_run_logger())
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -271,42 +103,13 @@ def repro_stage(stage: str, repo_root: str, force: bool = False, parent_run_id: 
 def _run_graph(
     graph: dict[str, list[str]], repo_root: str, force: bool, max_parallel: int, parent_run_id: str | None
 ) -> dict[str, StageStatus]:
-    """Submit each stage once all its upstream stages succeeded, keeping at most ``max_parallel`` in flight.
+    """The shared scheduler with one ``repro_stage`` task per stage (``wait_for`` draws the edges in the UI)."""
+    threads = threads_per_stage(max_parallel)
 
-    On a failure no new stage starts; running ones finish; then the first error is raised.
-    """
-    order = list(graph)  # topological, upstream first
-    done: dict[str, StageStatus] = {}
-    futures: dict[str, PrefectFuture[StageStatus]] = {}
-    running: dict[PrefectFuture[StageStatus], str] = {}
-    failures: dict[str, BaseException] = {}
-    while True:
-        if not failures:
-            for name in order:
-                if len(running) >= max_parallel:
-                    break
-                if name in futures or any(up not in done for up in graph[name]):
-                    continue
-                fut = repro_stage.submit(
-                    name, repo_root, force, parent_run_id, wait_for=[futures[up] for up in graph[name]]
-                )
-                futures[name] = fut
-                running[fut] = name
-        if not running:
-            break
-        fut = next(as_completed(list(running)))
-        name = running.pop(fut)
-        try:
-            done[name] = fut.result()
-        except BaseException as exc:  # noqa: BLE001 - collected and re-raised below
-            failures[name] = exc
-    if failures:
-        not_run = [n for n in order if n not in done and n not in failures]
-        name, exc = next(iter(failures.items()))
-        raise StageFailedError(
-            f"Stage(s) {', '.join(failures)} failed; completed: {done}; not run: {not_run}. First error: {exc}"
-        ) from exc
-    return {name: done[name] for name in order}
+    def submit(name: str, upstream: list[PrefectFuture[StageStatus]]) -> PrefectFuture[StageStatus]:
+        return repro_stage.submit(name, repo_root, force, parent_run_id, threads, wait_for=upstream)
+
+    return run_graph(graph, submit, as_completed, max_parallel)
 
 
 @flow(

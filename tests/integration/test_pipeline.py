@@ -103,13 +103,24 @@ def test_pipeline_writes_the_table_for_every_model(repo: Path, first_run: subpro
     stages = ran_stages(first_run.stdout)
     expected = {"dataset", "evaluate", *(f"teacher@{k}" for k in params["teachers"]),
                 *(f"student@{k}" for k in params["students"]), *(f"rebalance@{k}" for k in params["rebalance"]),
-                *(f"index@{k}" for k in params["index"])}
+                *(f"index@{k}" for k in params["index"]), *(f"memory@{k}" for k in params["memory"])}
     assert set(stages) == expected
     metrics = json.loads((repo / "data/reports/metrics.json").read_text())
     models = metrics["models"]
+    heads = {"deit_lt": ("avg", "cls", "dist"), "rac": ("fused", "base", "retrieval")}  # one row per head
     for kind, key in (("teachers", "teachers"), ("students", "students"), ("rebalance", "rebalance")):
         for name in params[key]:
-            assert set(models[f"{kind}/{name}"]) == {"all", "many", "medium", "few"}
+            method = params[key][name].get("method")
+            rows = [f"{kind}/{name}:{h}" for h in heads[method]] if method in heads else [f"{kind}/{name}"]
+            for row in rows:
+                assert set(models[row]) == {"all", "many", "medium", "few"}
+    for name, entry in params["memory"].items():  # the trained RAC student against a changed memory
+        assert {f"memory/{name}:{h}" for h in heads["rac"]} <= set(models)
+        scored = json.loads((repo / f"data/memory/{name}/metrics.json").read_text())
+        assert scored["model"] == f"students/{entry['model']}"
+    for name, student in params["students"].items():
+        if student["method"] in heads:
+            assert (repo / f"data/reports/plots/heads_students_{name}.png").is_file()
     for name in params["index"]:
         assert {f"index/{name}:knn", f"index/{name}:nn"} <= set(models)
     for acc in models.values():

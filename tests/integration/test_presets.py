@@ -186,3 +186,32 @@ def test_paper_teachers_compose(group: str) -> None:
     assert teachers["cbd_std_s1"]["seed"] != teachers["cbd_std_s2"]["seed"]
     student = load_preset(CONF / "paper" / "cbd_student.yaml")
     assert set(student["method_args"]["teachers"]) <= set(teachers)
+
+
+def test_memory_edit_scores_rac_without_retraining(ctx: BuildContext) -> None:
+    """memory@: the trained RAC student against a memory without one class: other predictions, the same weights."""
+    import numpy as np
+
+    from pipeline.config import MemoryConfig
+    from pipeline.evaluate.predict import load_predictions
+    from pipeline.memory import score_memory
+    from pipeline.models.network import load_network
+    from pipeline.train.checkpoint import state_digest
+
+    cfg = tiny(load_preset(CONF / "method" / "rac.yaml"))
+    _with_teachers(cfg, ctx)
+    student = ctx.data_root / "students" / "rac"
+    assert train_and_export(cfg, ctx, student, ctx.data_root.parent / "ckpt" / "rac") is not None
+    same = score_memory(MemoryConfig(model="rac"), cfg, ctx, ctx.data_root / "memory" / "same")
+    gone = score_memory(MemoryConfig(model="rac", remove_classes=[0]), cfg, ctx, ctx.data_root / "memory" / "gone")
+    trained = load_predictions(student)
+    unchanged = load_predictions(ctx.data_root / "memory" / "same")
+    edited = load_predictions(ctx.data_root / "memory" / "gone")
+    for head in ("fused", "base", "retrieval"):  # the unedited memory reproduces the student's own predictions
+        np.testing.assert_allclose(unchanged[f"test/{head}"], trained[f"test/{head}"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(edited["test/base"], trained["test/base"])  # the base branch never reads memory
+    assert not np.allclose(edited["test/retrieval"], trained["test/retrieval"])
+    head_class = int(np.argmax(ctx.class_counts))
+    assert head_class == 0 and gone["memory_size"] == same["memory_size"] - ctx.class_counts[0]
+    assert gone["weights"] == same["weights"]
+    assert gone["weights"]["network"] == state_digest(load_network(student))

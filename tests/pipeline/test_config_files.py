@@ -69,7 +69,7 @@ def test_dvc_stage_list_matches_the_params_entries() -> None:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     expected = {"dataset", "evaluate", *(f"teacher@{k}" for k in params["teachers"]),
                 *(f"student@{k}" for k in params["students"]), *(f"index@{k}" for k in params["index"]),
-                *(f"rebalance@{k}" for k in params["rebalance"])}
+                *(f"rebalance@{k}" for k in params["rebalance"]), *(f"memory@{k}" for k in params["memory"])}
     out = subprocess.run([str(Path(sys.executable).parent / "dvc"), "stage", "list", "--name-only"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout.split()
     assert set(out) == expected

@@ -2,7 +2,7 @@
 
 Guards the internal ``Repo().index.graph`` API the flow relies on against ``dvc stage list`` (DESIGN.md
 "Orchestration"). One session-scoped ``prefect_test_harness`` with a temporary PREFECT_HOME (ECOSYSTEM.md §2.2 CI
-recipe); MLflow tracking is off except in the test of the parent-child link, which uses a temp SQLite store.
+recipe); MLflow tracking is off. The toy repositories and the DVC environment come from ``conftest.py``.
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ elif op == "mul":
     P(a[2]).write_text(str(int(P(a[0]).read_text()) * int(a[1])))
 elif op == "sum":
     P(a[-1]).write_text(str(sum(int(P(p).read_text()) for p in a[:-1])))
+elif op == "env":
+    import os
+    P(a[0]).write_text(os.environ.get(a[1], ""))
 """
 DVC_YAML = textwrap.dedent(
     f"""
@@ -60,7 +63,7 @@ DVC_YAML = textwrap.dedent(
         outs:
           - total.txt
       extra:
-        cmd: {PY} step.py write extra.txt x
+        cmd: {PY} step.py env extra.txt OMP_NUM_THREADS
         outs:
           - extra.txt
     """
@@ -73,36 +76,6 @@ EXPECTED_UPSTREAM = {
     "total": ["square@a", "square@b"],
     "extra": [],
 }
-
-
-def _git(repo: Path, *args: str) -> None:
-    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
-
-
-def _dvc(repo: Path, *args: str) -> str:
-    out = subprocess.run([PY, "-m", "dvc", *args], cwd=repo, check=True, capture_output=True, text=True)
-    return out.stdout
-
-
-@pytest.fixture(scope="module")
-def dvc_env():
-    """Environment for DVC and the flow; restored afterwards."""
-    keys = {
-        "DVC_NO_ANALYTICS": "1",
-        "LONGTAIL_TRACKING": "off",
-        "GIT_AUTHOR_NAME": "t",
-        "GIT_AUTHOR_EMAIL": "t@t",
-        "GIT_COMMITTER_NAME": "t",
-        "GIT_COMMITTER_EMAIL": "t@t",
-    }
-    old = {k: os.environ.get(k) for k in keys}
-    os.environ.update(keys)
-    yield
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
@@ -130,25 +103,16 @@ def prefect_harness(tmp_path_factory, dvc_env):
 
 
 @pytest.fixture(scope="module")
-def toy_repo(tmp_path_factory, dvc_env) -> Path:
+def toy_repo(make_dvc_repo, dvc_env) -> Path:
     """A git + DVC repo with the toy dvc.yaml and params.yaml committed."""
-    repo = tmp_path_factory.mktemp("toy")
-    _git(repo, "init", "-q")
-    _dvc(repo, "init", "-q")
-    _dvc(repo, "config", "core.autostage", "false")
-    (repo / "dvc.yaml").write_text(DVC_YAML)
-    (repo / "params.yaml").write_text(PARAMS)
-    (repo / "step.py").write_text(STEP_PY)
-    _git(repo, "add", "-A")
-    _git(repo, "commit", "-q", "-m", "toy")
-    return repo
+    return make_dvc_repo("toy", {"dvc.yaml": DVC_YAML, "params.yaml": PARAMS, "step.py": STEP_PY})
 
 
-def test_stage_graph_matches_dvc(toy_repo):
-    from pipeline.flow import stage_graph
+def test_stage_graph_matches_dvc(toy_repo, dvc):
+    from pipeline.orchestrate.graph import stage_graph
 
     graph = stage_graph(toy_repo)
-    listed = _dvc(toy_repo, "stage", "list", "--name-only").split()
+    listed = dvc(toy_repo, "stage", "list", "--name-only").split()
     assert sorted(graph) == sorted(listed)
     assert graph == EXPECTED_UPSTREAM | {}  # same upstream edges
     order = list(graph)
@@ -157,7 +121,7 @@ def test_stage_graph_matches_dvc(toy_repo):
 
 
 def test_select_stages_targets_and_groups(toy_repo):
-    from pipeline.flow import select_stages
+    from pipeline.orchestrate.graph import select_stages
 
     graph = EXPECTED_UPSTREAM
     assert set(select_stages(graph, ["square@b"])) == {"source", "square@b"}
@@ -168,20 +132,23 @@ def test_select_stages_targets_and_groups(toy_repo):
 
 
 def test_parse_status():
-    from pipeline.flow import parse_status
+    from pipeline.orchestrate.execution import parse_status
 
     assert parse_status("total", "Running stage 'total':\n> python ...") == "ran"
     assert parse_status("total", "Stage 'total' didn't change, skipping") == "skipped"
     assert parse_status("total", "Stage 'total' is cached - skipping run, checking out outputs") == "skipped"
 
 
-def test_flow_runs_all_then_nothing(toy_repo, prefect_harness):
+def test_flow_runs_all_then_nothing(toy_repo, prefect_harness, dvc):
     from pipeline.flow import longtail_pipeline
 
     first = longtail_pipeline(repo_root=str(toy_repo), max_parallel=2)
     assert first == {name: "ran" for name in EXPECTED_UPSTREAM}
     assert (toy_repo / "total.txt").read_text() == str(3 * 2 + 3 * 5)
-    assert json.loads(_dvc(toy_repo, "status", "--json")) == {}
+    assert json.loads(dvc(toy_repo, "status", "--json")) == {}
+    # Two stages in parallel share the CPUs (an OMP_NUM_THREADS set by the user wins).
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // 2))
+    assert (toy_repo / "extra.txt").read_text() == threads
 
     second = longtail_pipeline(repo_root=str(toy_repo))
     assert second == {name: "skipped" for name in EXPECTED_UPSTREAM}
@@ -191,24 +158,21 @@ def test_flow_runs_all_then_nothing(toy_repo, prefect_harness):
     assert third == {"source": "skipped", "square@a": "skipped", "square@b": "ran", "total": "ran"}
     assert (toy_repo / "total.txt").read_text() == str(3 * 2 + 3 * 7)
     assert "k: 7" in (toy_repo / "params.yaml").read_text()
-    assert json.loads(_dvc(toy_repo, "status", "--json")) == {}
+    assert json.loads(dvc(toy_repo, "status", "--json")) == {}
 
 
-def test_apply_overrides_like_dvc_exp_run(tmp_path, dvc_env):
+def test_apply_overrides_like_dvc_exp_run(make_dvc_repo, dvc_env):
     """Hydra on: params.yaml is recomposed from conf/ + overrides (dvc's compose_and_dump); empty = untouched."""
-    from pipeline.flow import apply_overrides
+    from pipeline.orchestrate.overrides import apply_overrides
 
-    repo = tmp_path / "hydra"
-    repo.mkdir()
-    _git(repo, "init", "-q")
-    _dvc(repo, "init", "-q")
-    _dvc(repo, "config", "hydra.enabled", "true")
-    (repo / "conf" / "model").mkdir(parents=True)
-    (repo / "conf" / "config.yaml").write_text("defaults:\n  - model: small\n  - _self_\nseed: 0\n")
-    (repo / "conf" / "model" / "small.yaml").write_text("width: 8\ndepth: 2\n")
-    (repo / "conf" / "model" / "big.yaml").write_text("width: 64\ndepth: 4\n")
+    files = {
+        "conf/config.yaml": "defaults:\n  - model: small\n  - _self_\nseed: 0\n",
+        "conf/model/small.yaml": "width: 8\ndepth: 2\n",
+        "conf/model/big.yaml": "width: 64\ndepth: 4\n",
+        "params.yaml": "hand: edited\n",
+    }
+    repo = make_dvc_repo("hydra", files, config={"hydra.enabled": "true"}, commit=False)
     params = repo / "params.yaml"
-    params.write_text("hand: edited\n")
 
     apply_overrides(repo, [])
     assert params.read_text() == "hand: edited\n"
@@ -224,7 +188,8 @@ def test_apply_overrides_like_dvc_exp_run(tmp_path, dvc_env):
 def test_retry_condition_only_for_lock_errors():
     from prefect.states import Failed
 
-    from pipeline.flow import StageFailedError, StageLockError, _retry_on_lock_error
+    from pipeline.flow import _retry_on_lock_error
+    from pipeline.orchestrate.execution import StageFailedError, StageLockError
 
     assert _retry_on_lock_error(None, None, Failed(data=StageLockError("busy"))) is True
     assert _retry_on_lock_error(None, None, Failed(data=StageFailedError("exit 1"))) is False
@@ -232,7 +197,8 @@ def test_retry_condition_only_for_lock_errors():
 
 def test_lock_error_is_detected(toy_repo, prefect_harness):
     """A live process holding the stage's output in DVC's rwlock → StageLockError (the retriable kind)."""
-    from pipeline.flow import StageLockError, repro_stage
+    from pipeline.flow import repro_stage
+    from pipeline.orchestrate.execution import StageLockError
 
     blocker = subprocess.Popen([PY, "-c", "import time; time.sleep(60)"])
     rwlock = toy_repo / ".dvc" / "tmp" / "rwlock"
@@ -246,30 +212,26 @@ def test_lock_error_is_detected(toy_repo, prefect_harness):
         rwlock.unlink(missing_ok=True)
 
 
-def test_failing_stage_is_not_retried_and_stops_downstream(tmp_path, dvc_env, prefect_harness):
-    from pipeline.flow import StageFailedError, longtail_pipeline
+def test_failing_stage_is_not_retried_and_stops_downstream(make_dvc_repo, dvc_env, prefect_harness):
+    from pipeline.flow import longtail_pipeline
+    from pipeline.orchestrate.execution import StageFailedError
 
-    repo = tmp_path / "failing"
-    repo.mkdir()
-    _git(repo, "init", "-q")
-    _dvc(repo, "init", "-q")
-    (repo / "dvc.yaml").write_text(
-        textwrap.dedent(
-            f"""
-            stages:
-              fail:
-                cmd: {PY} -c "open('attempts.log', 'a').write('x'); raise SystemExit(3)"
-                outs:
-                  - fail.txt
-              after:
-                cmd: {PY} -c "open('after.txt', 'w').write('x')"
-                deps:
-                  - fail.txt
-                outs:
-                  - after.txt
-            """
-        )
+    dvc_yaml = textwrap.dedent(
+        f"""
+        stages:
+          fail:
+            cmd: {PY} -c "open('attempts.log', 'a').write('x'); raise SystemExit(3)"
+            outs:
+              - fail.txt
+          after:
+            cmd: {PY} -c "open('after.txt', 'w').write('x')"
+            deps:
+              - fail.txt
+            outs:
+              - after.txt
+        """
     )
+    repo = make_dvc_repo("failing", {"dvc.yaml": dvc_yaml}, commit=False)
     with pytest.raises(StageFailedError, match="fail"):
         longtail_pipeline(repo_root=str(repo))
     assert (repo / "attempts.log").read_text() == "x"  # ran once: a failing command is not retried

@@ -1,0 +1,14 @@
+"""Running the DVC pipeline stage by stage, without Prefect: the engine under :mod:`pipeline.flow`.
+
+The DAG is defined once, in ``dvc.yaml``; this package reads it from DVC and runs it, and the Prefect flow and the
+local runner (``python -m pipeline.orchestrate run``) are two thin drivers of the same code (DESIGN.md
+"Orchestration"). Split by concern so that work pools and other drivers can grow without touching the rest:
+
+* :mod:`~pipeline.orchestrate.graph`: DVC's resolved stage graph and target selection.
+* :mod:`~pipeline.orchestrate.overrides`: Hydra overrides applied the way ``dvc exp run -S`` applies them.
+* :mod:`~pipeline.orchestrate.execution`: one stage (``dvc --wait-for-lock repro --single-item``) and the scheduler
+  that runs a graph over any kind of future.
+* :mod:`~pipeline.orchestrate.local`: the Prefect-free runner and its CLI.
+
+Nothing here imports prefect (only :mod:`pipeline.flow` does) or mlflow (only :mod:`pipeline.tracking` does).
+"""

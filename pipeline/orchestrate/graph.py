@@ -1,0 +1,71 @@
+"""The stage graph of a DVC repository, read from DVC itself so the DAG is never defined twice.
+
+DVC has no public stage or DAG API (ECOSYSTEM.md §3.3), so this reads the resolved graph (``foreach``/``matrix``
+expanded) from ``dvc.repo.Repo(root).index.graph``, an internal networkx graph: dvc is pinned to 3.67.1 and
+``tests/pipeline/test_flow.py`` guards it against ``dvc stage list``. In that graph an edge u→v means "u depends on v"
+(ECOSYSTEM.md §1.6), so it is reversed before the topological sort.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any
+
+
+def _stage_name(stage: Any) -> str:
+    """DVC's ``stage.addressing`` as seen from the repo root (``addressing`` itself is relative to the CWD)."""
+    path = stage.path_in_repo.replace(os.sep, "/")
+    return stage.name if path == "dvc.yaml" else f"{path}:{stage.name}"
+
+
+def stage_graph(repo_root: str | os.PathLike[str]) -> dict[str, list[str]]:
+    """Every pipeline stage of the DVC repo → the stages it depends on directly (``foreach``/``matrix`` expanded).
+
+    Nodes without a ``cmd`` (``.dvc`` files of imported data) are dropped.
+
+    Args:
+        repo_root: root of the DVC repository.
+
+    Returns:
+        ``{stage name (DVC's addressing from the repo root): sorted upstream stage names}``, upstream first.
+    """
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with Repo(os.fspath(repo_root)) as repo:
+        graph = repo.index.graph
+        stages = [s for s in graph.nodes if getattr(s, "cmd", None)]
+        upstream = {
+            _stage_name(s): sorted(_stage_name(u) for u in graph.successors(s) if getattr(u, "cmd", None))
+            for s in stages
+        }
+        # Upstream first; ties broken by name so runs are reproducible.
+        order = [_stage_name(s) for s in nx.lexicographical_topological_sort(graph.reverse(copy=True), key=_stage_name)]
+    return {name: upstream[name] for name in order if name in upstream}
+
+
+def select_stages(graph: dict[str, list[str]], targets: Iterable[str]) -> dict[str, list[str]]:
+    """Restrict ``graph`` to ``targets`` and everything upstream of them (all stages when ``targets`` is empty).
+
+    A target is a stage name (``teacher@r32``) or a ``foreach``/``matrix`` group (``teacher`` = every ``teacher@*``).
+
+    Raises:
+        ValueError: a target names no stage; the message lists the valid names.
+    """
+    targets = list(targets)
+    if not targets:
+        return dict(graph)
+    wanted: set[str] = set()
+    for target in targets:
+        matched = [name for name in graph if name == target or name.split("@", 1)[0] == target]
+        if not matched:
+            raise ValueError(f"Unknown target {target!r}; valid stages: {', '.join(graph)}")
+        wanted.update(matched)
+    todo = list(wanted)
+    while todo:
+        for up in graph[todo.pop()]:
+            if up not in wanted:
+                wanted.add(up)
+                todo.append(up)
+    return {name: ups for name, ups in graph.items() if name in wanted}

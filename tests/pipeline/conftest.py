@@ -1,0 +1,88 @@
+"""Fixtures for the pipeline tests that drive DVC: an isolated environment and toy git + DVC repositories.
+
+Shared by ``test_flow.py`` (the Prefect flow) and ``test_orchestrate.py`` (the local runner). The repositories live in
+pytest's temporary directories; nothing touches the project's own workspace, ``dvc.lock`` or MLflow store.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import pytest
+
+PY = sys.executable
+# DVC analytics off, MLflow off, and a git identity so `git commit` works on a bare CI machine.
+TEST_ENV = {
+    "DVC_NO_ANALYTICS": "1",
+    "LONGTAIL_TRACKING": "off",
+    "GIT_AUTHOR_NAME": "t",
+    "GIT_AUTHOR_EMAIL": "t@t",
+    "GIT_COMMITTER_NAME": "t",
+    "GIT_COMMITTER_EMAIL": "t@t",
+}
+
+
+def _git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, env={**os.environ, **TEST_ENV})
+
+
+def _dvc(repo: Path, *args: str) -> str:
+    out = subprocess.run(
+        [PY, "-m", "dvc", *args], cwd=repo, check=True, capture_output=True, text=True, env={**os.environ, **TEST_ENV}
+    )
+    return out.stdout
+
+
+@pytest.fixture(scope="session")
+def dvc() -> Callable[..., str]:
+    """``dvc(repo, *args)`` runs ``python -m dvc <args>`` in ``repo`` and returns its stdout (fails on an error)."""
+    return _dvc
+
+
+@pytest.fixture(scope="module")
+def dvc_env() -> Iterator[None]:
+    """:data:`TEST_ENV` in ``os.environ`` for in-process code (the flow, the runner); restored afterwards."""
+    old = {k: os.environ.get(k) for k in TEST_ENV}
+    os.environ.update(TEST_ENV)
+    yield
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def make_dvc_repo(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Factory of toy repositories: ``make_dvc_repo(name, files, config=..., commit=...)``.
+
+    Creates a fresh git + DVC repository, sets the DVC ``config`` entries (``core.autostage`` is off unless given),
+    writes ``files`` (``{relative path: text}``, e.g. ``dvc.yaml``, ``params.yaml``, step scripts) and, with
+    ``commit``, commits them. Returns the repository root.
+    """
+
+    def make(
+        name: str,
+        files: Mapping[str, str] | None = None,
+        *,
+        config: Mapping[str, str] | None = None,
+        commit: bool = True,
+    ) -> Path:
+        repo = tmp_path_factory.mktemp(name)
+        _git(repo, "init", "-q")
+        _dvc(repo, "init", "-q")
+        for key, value in {"core.autostage": "false", **(config or {})}.items():
+            _dvc(repo, "config", key, value)
+        for rel, text in (files or {}).items():
+            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+            (repo / rel).write_text(text)
+        if commit:
+            _git(repo, "add", "-A")
+            _git(repo, "commit", "-q", "-m", name)
+        return repo
+
+    return make

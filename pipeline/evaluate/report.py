@@ -1,7 +1,8 @@
 """The comparison across every model of the pipeline: one table, per-class and per-split plots.
 
 Models are found by their ``predictions.npz`` under ``data/{teachers,students,rebalance,index,memory}/<name>/``;
-each head (``test/<head>`` logits) is one row. Teacher ensembles (CBD paper, Table 2) average the teachers' softmax outputs.
+each head (``test/<head>`` logits) is one row. Teacher ensembles (CBD paper, Table 2) average the teachers' softmax
+outputs.
 Names that differ only by a ``_s<seed>`` / ``-seed<seed>`` suffix form one group, reported as mean ± std over seeds.
 """
 

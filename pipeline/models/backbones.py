@@ -6,9 +6,9 @@ global average pooling to 64-d, Kaiming-normal init of every conv and linear wei
 network with one block per stage: the fast model for CPU runs.
 
 The ``deit_lt_*_32`` models are timm's ``VisionTransformerDistilled`` (DeiT's CLS and DIST tokens, METHODS.md
-§6.1) sized for 32×32 inputs on a CPU: patch 8 or 4 (16 or 64 patches + 2 prefix tokens), qkv bias, LayerNorm eps 1e-6, drop
-path 0.1 set by the recipe. Their width and depth were chosen by measured training throughput on this project's
-2-core CPU (docs/recipes.md). The paper presets use timm's own ``deit_base_distilled_patch16_224`` at 224.
+§6.1) sized for 32×32 inputs on a CPU: patch 8 or 4 (16 or 64 patches + 2 prefix tokens), qkv bias, LayerNorm eps
+1e-6, drop path 0.1 set by the recipe. Their patch, width and depth were chosen by measured training throughput on
+this project's 2-core CPU (``VIT_SIZES``). The paper presets use timm's own ``deit_base_distilled_patch16_224`` at 224.
 
 Every backbone is created with ``num_classes=0`` so that ``model(x)`` returns pooled features (B, num_features);
 the classifier is a separate head (``pipeline.models.heads``).

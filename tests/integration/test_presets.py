@@ -34,7 +34,7 @@ from pipeline.build import (
 )
 from pipeline.compose import compose
 from pipeline.config import DatasetConfig, TrainConfig
-from pipeline.data import build_longtail, load_source, save_dataset
+from pipeline.data import build_longtail, load_source, load_split, save_dataset
 from pipeline.train.run import train_and_export
 from pipeline.train.trainer import Trainer, TrainerConfig, seed_everything
 
@@ -186,6 +186,10 @@ def test_paper_teachers_compose(group: str) -> None:
     assert teachers["cbd_std_s1"]["seed"] != teachers["cbd_std_s2"]["seed"]
     student = load_preset(CONF / "paper" / "cbd_student.yaml")
     assert set(student["method_args"]["teachers"]) <= set(teachers)
+    students = compose(CONF, [f"teachers={group}", "students=paper"])["students"]
+    assert students["deit_lt"]["method"] == "deit_lt"
+    teacher = students["deit_lt"]["method_args"]["teacher"].removeprefix("teachers/")
+    assert teachers[teacher]["method"] == "paco" and teachers[teacher]["updater"]["name"] == "sam"
 
 
 def test_memory_edit_scores_rac_without_retraining(ctx: BuildContext) -> None:
@@ -215,3 +219,23 @@ def test_memory_edit_scores_rac_without_retraining(ctx: BuildContext) -> None:
     assert head_class == 0 and gone["memory_size"] == same["memory_size"] - ctx.class_counts[0]
     assert gone["weights"] == same["weights"]
     assert gone["weights"]["network"] == state_digest(load_network(student))
+
+
+def test_rac_bad_memory_settings_fail_with_one_line(ctx: BuildContext) -> None:
+    """k larger than the memory, a missing index and a missing encoder model each name the setting."""
+    from pipeline.config import ConfigError
+
+    cfg = tiny(load_preset(CONF / "method" / "rac.yaml"))
+    _with_teachers(cfg, ctx)
+    size = len(load_split(str(ctx.dataset_dir), "train"))
+    with pytest.raises(ConfigError, match=rf"k=500 is larger than the memory allows \({size} entries"):
+        create_method(replace(cfg, method_args={**cfg.method_args, "k": 500}), ctx)
+    with pytest.raises(ConfigError, match="index 'nope' not found"):
+        create_method(replace(cfg, method_args={**cfg.method_args, "index": "nope"}), ctx)
+    orphan = ctx.data_root / "index" / "orphan"
+    shutil.copytree(ctx.data_root / "index" / cfg.method_args["index"], orphan)
+    (orphan / "stats.json").write_text('{"encoder": {"type": "teacher", "model": "gone", "checkpoint_file": null}}')
+    with pytest.raises((ConfigError, FileNotFoundError), match="gone"):
+        create_method(replace(cfg, method_args={**cfg.method_args, "index": "orphan"}), ctx)
+    with pytest.raises(ConfigError, match="unknown method_args"):
+        create_method(replace(cfg, method_args={**cfg.method_args, "kk": 3}), ctx)

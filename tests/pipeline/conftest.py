@@ -46,14 +46,10 @@ def dvc() -> Callable[..., str]:
 @pytest.fixture(scope="module")
 def dvc_env() -> Iterator[None]:
     """:data:`TEST_ENV` in ``os.environ`` for in-process code (the flow, the runner); restored afterwards."""
-    old = {k: os.environ.get(k) for k in TEST_ENV}
-    os.environ.update(TEST_ENV)
-    yield
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in TEST_ENV.items():
+            mp.setenv(k, v)
+        yield
 
 
 @pytest.fixture(scope="session")

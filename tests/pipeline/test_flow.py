@@ -89,17 +89,13 @@ def prefect_harness(tmp_path_factory, dvc_env):
         "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.3",
         "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
     }
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=90):
-        yield
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        with prefect_test_harness(server_startup_timeout=90):
+            yield
 
 
 @pytest.fixture(scope="module")

@@ -150,6 +150,24 @@ def load_section(section: str, name: str | None = None, params_path: str | Path 
     return to_schema(SCHEMAS[section], raw, where)
 
 
+# --- data -------------------------------------------------------------------------------------------------------
+def dataset_from_config(cfg: DatasetConfig, profile: str | None = None):
+    """Load ``cfg``'s source and build its long-tailed dataset (``profile`` overrides ``cfg.profile``)."""
+    from pipeline.data import build_longtail, load_source
+
+    kwargs = {"digits": dict(image_size=cfg.image_size),
+              "synthetic": dict(num_classes=cfg.num_classes, images_per_class=cfg.images_per_class,
+                                image_size=cfg.image_size, seed=cfg.seed),
+              "cifar10": dict(root=cfg.root, download=cfg.download),
+              "cifar100": dict(root=cfg.root, download=cfg.download),
+              "imagefolder": dict(root=cfg.root, train_file=cfg.train_file, val_file=cfg.val_file,
+                                  test_file=cfg.test_file)}[cfg.source]
+    source = load_source(cfg.source, **kwargs)
+    return build_longtail(source, profile=profile or cfg.profile, imbalance_factor=cfg.imbalance_factor,
+                          n_max=cfg.n_max, val_per_class=cfg.val_per_class, test_per_class=cfg.test_per_class,
+                          seed=cfg.seed, many=cfg.many, few=cfg.few)
+
+
 # --- models -----------------------------------------------------------------------------------------------------
 def resolve_input(cfg: InputConfig | None, dataset: DatasetConfig) -> dict:
     """A model's preprocessing ``{"size", "mean", "std"}``: its own settings, else the dataset's."""

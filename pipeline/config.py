@@ -172,6 +172,13 @@ class MemoryConfig:
 
 
 @dataclass
+class UpperBoundConfig:
+    """The ``upper_bound`` section: a teacher recipe trained on the balanced counterpart of the training set."""
+
+    recipe: str = "ce"  # teachers.<recipe>: the CE recipe whose long-tailed run is the baseline of "gap closed"
+
+
+@dataclass
 class EvaluateConfig:
     ensembles: dict[str, list[str]] = field(default_factory=dict)
     plots_top: int = 8
@@ -184,6 +191,7 @@ SCHEMAS: dict[str, type] = {
     "index": IndexConfig,
     "rebalance": RebalanceConfig,
     "memory": MemoryConfig,
+    "upper_bound": UpperBoundConfig,
     "evaluate": EvaluateConfig,
 }
 

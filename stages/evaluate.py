@@ -31,7 +31,7 @@ def main(args: argparse.Namespace) -> None:
     (REPORTS / "plots").mkdir(exist_ok=True)
     summary = summary_markdown(report)
     (REPORTS / "summary.md").write_text(summary)
-    write_json(REPORTS / "metrics.json", {k: report[k] for k in ("dataset", "models", "seeds")})
+    write_json(REPORTS / "metrics.json", {k: report[k] for k in ("dataset", "models", "seeds", "gap_closed")})
     rows = per_class_rows(report, manifest["train_counts"])
     with open(REPORTS / "per_class.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

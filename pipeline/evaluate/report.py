@@ -4,6 +4,10 @@ Models are found by their ``predictions.npz`` under ``data/{teachers,students,re
 each head (``test/<head>`` logits) is one row. Teacher ensembles (CBD paper, Table 2) average the teachers' softmax
 outputs.
 Names that differ only by a ``_s<seed>`` / ``-seed<seed>`` suffix form one group, reported as mean ± std over seeds.
+
+With a balanced upper bound ``upper_bound/<recipe>`` (``pipeline.upper_bound``) every model also gets the share of
+the gap it closes, per shot group: ``(model − teachers/<recipe>) / (upper_bound/<recipe> − teachers/<recipe>)``; a
+group whose gap is under one point (e.g. the head classes, where CE is already at its best) has none (NaN).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import numpy as np
 from pipeline.evaluate.metrics import mean_std, per_class_accuracy, shot_accuracy
 from pipeline.evaluate.predict import load_predictions
 
-KINDS = ("teachers", "students", "rebalance", "index", "memory")
+KINDS = ("teachers", "students", "rebalance", "index", "memory", "upper_bound")
 GROUPS = ("all", "many", "medium", "few")
 _SEED = re.compile(r"(?:[_-](?:s|seed)\d+)$")
 
@@ -52,6 +56,27 @@ def collect_outputs(data_root: Path, ensembles: dict[str, list[str]]) -> tuple[d
     return outputs, labels
 
 
+MIN_GAP = 0.01  # a gap under one point has no meaningful share
+
+
+def gap_closed(models: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Per model and shot group, the share of the (balanced − long-tailed CE) gap it closes (see the docstring)."""
+    bounds = [k for k in models if k.startswith("upper_bound/") and ":" not in k]
+    if not bounds:
+        return {}
+    upper = bounds[0]
+    base = f"teachers/{upper.split('/', 1)[1]}"
+    if base not in models:
+        return {}
+    out = {}
+    for name, acc in models.items():
+        out[name] = {}
+        for g in GROUPS:
+            gap = models[upper][g] - models[base][g]
+            out[name][g] = (acc[g] - models[base][g]) / gap if np.isfinite(gap) and gap >= MIN_GAP else float("nan")
+    return {"baseline": base, "upper_bound": upper, "models": out}
+
+
 def build_report(outputs: dict[str, np.ndarray], labels: np.ndarray, manifest: dict) -> dict:
     counts = manifest["train_counts"]
     many, few = manifest["thresholds"]["many"], manifest["thresholds"]["few"]
@@ -66,7 +91,8 @@ def build_report(outputs: dict[str, np.ndarray], labels: np.ndarray, manifest: d
             seeds[g] = {m: dict(zip(("mean", "std"), mean_std([models[k][m] for k in members]), strict=True))
                         for m in GROUPS} | {"runs": members}
     return {"dataset": {k: manifest[k] for k in ("source", "num_classes", "shot_group_sizes", "thresholds")},
-            "models": models, "seeds": seeds, "per_class": {k: v.tolist() for k, v in per_class.items()}}
+            "models": models, "seeds": seeds, "gap_closed": gap_closed(models),
+            "per_class": {k: v.tolist() for k, v in per_class.items()}}
 
 
 def _pct(x: float | None) -> str:
@@ -75,10 +101,18 @@ def _pct(x: float | None) -> str:
 
 def summary_markdown(report: dict) -> str:
     sizes = report["dataset"]["shot_group_sizes"]
-    lines = [f"| model | all | many ({sizes['many']}) | medium ({sizes['medium']}) | few ({sizes['few']}) |",
-             "|---|---|---|---|---|"]
+    gap = report.get("gap_closed") or {}
+    head = f"| model | all | many ({sizes['many']}) | medium ({sizes['medium']}) | few ({sizes['few']}) |"
+    rule = "|---|---|---|---|---|"
+    if gap:
+        head += " gap closed: all | many | medium | few |"
+        rule += "---|---|---|---|"
+    lines = [head, rule]
     for name, acc in report["models"].items():
-        lines.append(f"| {name} | " + " | ".join(_pct(acc[g]) for g in GROUPS) + " |")
+        row = f"| {name} | " + " | ".join(_pct(acc[g]) for g in GROUPS) + " |"
+        if gap:
+            row += " " + " | ".join(_pct(gap["models"][name][g]) for g in GROUPS) + " |"
+        lines.append(row)
     if report["seeds"]:
         lines += ["", "| model (mean ± std over seeds) | all | many | medium | few |", "|---|---|---|---|---|"]
         for name, s in report["seeds"].items():
@@ -87,6 +121,10 @@ def summary_markdown(report: dict) -> str:
     t = report["dataset"]["thresholds"]
     lines += ["", f"Top-1 accuracy (%) on the balanced test set; many > {t['many']}, few < {t['few']} training images, "
               "medium in between; each group is the mean of its classes' accuracies (– = empty group)."]
+    if gap:
+        lines += [f"Gap closed (%) = (model − {gap['baseline']}) / ({gap['upper_bound']} − {gap['baseline']}) per "
+                  f"group: 0 = the long-tailed CE, 100 = the same recipe on a balanced training set; – where that "
+                  f"gap is under {100 * MIN_GAP:.0f} point."]
     return "\n".join(lines) + "\n"
 
 

@@ -103,7 +103,7 @@ def test_pipeline_writes_the_table_for_every_model(repo: Path, first_run: subpro
     stages = ran_stages(first_run.stdout)
     expected = {"dataset", "evaluate", *(f"teacher@{k}" for k in params["teachers"]),
                 *(f"student@{k}" for k in params["students"]), *(f"rebalance@{k}" for k in params["rebalance"]),
-                *(f"index@{k}" for k in params["index"]), *(f"memory@{k}" for k in params["memory"])}
+                *(f"index@{k}" for k in params["index"]), *(f"memory@{k}" for k in params["memory"]), "upper_bound"}
     assert set(stages) == expected
     metrics = json.loads((repo / "data/reports/metrics.json").read_text())
     models = metrics["models"]
@@ -125,6 +125,9 @@ def test_pipeline_writes_the_table_for_every_model(repo: Path, first_run: subpro
         assert {f"index/{name}:knn", f"index/{name}:nn"} <= set(models)
     for acc in models.values():
         assert 0.0 <= acc["all"] <= 1.0
+    bound = f"upper_bound/{params['upper_bound']['recipe']}"  # the balanced run and the gap each model closes
+    assert bound in models and metrics["gap_closed"]["upper_bound"] == bound
+    assert set(metrics["gap_closed"]["models"]) == set(models)
     summary = (repo / "data/reports/summary.md").read_text()
     assert "| teachers/ce |" in summary and "many" in summary
     for png in ("per_class_accuracy.png", "split_accuracy.png", "class_counts.png"):

@@ -69,7 +69,8 @@ def test_dvc_stage_list_matches_the_params_entries() -> None:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     expected = {"dataset", "evaluate", *(f"teacher@{k}" for k in params["teachers"]),
                 *(f"student@{k}" for k in params["students"]), *(f"index@{k}" for k in params["index"]),
-                *(f"rebalance@{k}" for k in params["rebalance"]), *(f"memory@{k}" for k in params["memory"])}
+                *(f"rebalance@{k}" for k in params["rebalance"]), *(f"memory@{k}" for k in params["memory"]),
+                "upper_bound"}
     out = subprocess.run([str(Path(sys.executable).parent / "dvc"), "stage", "list", "--name-only"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout.split()
     assert set(out) == expected
@@ -93,17 +94,45 @@ def test_paper_profile_composes_into_a_consistent_pipeline(n: int, tmp_path: Pat
     """teachers=paper_cifarN with students=paper and evaluate=paper: every name a student, a rebalance entry, an
     index or an ensemble reads is a teacher of the composition, and every entry validates."""
     params = compose(ROOT / "conf", [f"dataset=cifar{n}_lt", f"teachers=paper_cifar{n}", "students=paper",
-                                     "evaluate=paper"])
+                                     "evaluate=paper", "memory=none"])
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     teachers = set(params["teachers"])
     for name, student in params["students"].items():
-        assert set(student["method_args"]["teachers"]) <= teachers, name
+        named = student["method_args"].get("teachers", [])
+        named += [student["method_args"]["teacher"].removeprefix("teachers/")] if "teacher" in student["method_args"] \
+            else []
+        assert named and set(named) <= teachers, name
         load_section("students", name, params_path=tmp_path / "params.yaml")
     for entry in params["rebalance"].values():
-        assert entry["model"].split("/", 1)[1] in teachers
+        kind, model = entry["model"].split("/", 1)
+        assert model in params[kind]
     for entry in params["index"].values():
         assert entry["encoder"]["model"] in teachers
     for members in params["evaluate"]["ensembles"].values():
         assert set(members) <= teachers
     for name in teachers:
         load_section("teachers", name, params_path=tmp_path / "params.yaml")
+
+
+@pytest.mark.parametrize("overrides", [
+    [],
+    ["dataset=places_lt", "index=paper_vit", "students=rac_places_lt", "rebalance=none"],
+    ["dataset=inat2018", "index=paper_vit", "students=rac_inat2018", "rebalance=none"],
+], ids=["default", "rac_places_lt", "rac_inat2018"])
+def test_every_model_a_stage_reads_is_defined(overrides: list[str]) -> None:
+    """A RAC student's index, a DeiT-LT student's teacher, a memory edit's student and a rebalanced model exist."""
+    params = compose(ROOT / "conf", overrides)
+    for name, student in params["students"].items():
+        args = student.get("method_args", {})
+        if student["method"] == "rac":
+            assert args["index"] in params["index"], name
+        if "teacher" in args:
+            kind, model = args["teacher"].split("/", 1)
+            assert model in params[kind], name
+        assert set(args.get("teachers", [])) <= set(params["teachers"]), name
+    for entry in params["memory"].values():
+        assert params["students"][entry["model"]]["method"] == "rac"
+    for entry in params["rebalance"].values():
+        kind, model = entry["model"].split("/", 1)
+        assert model in params[kind]
+    assert params["upper_bound"]["recipe"] in params["teachers"]

@@ -70,3 +70,22 @@ def test_mean_std():
     m, s = mean_std([1.0, 2.0, 3.0])
     assert m == 2.0 and s == pytest.approx(1.0)
     assert all(math.isnan(v) for v in mean_std([]))
+
+
+def test_gap_closed_by_hand() -> None:
+    """(model − CE long-tailed) / (CE balanced − CE long-tailed) per group; a gap under one point has no share."""
+    from pipeline.evaluate.report import gap_closed
+
+    models = {
+        "teachers/ce": {"all": 0.70, "many": 0.99, "medium": 0.70, "few": 0.40},
+        "upper_bound/ce": {"all": 0.90, "many": 0.995, "medium": 0.90, "few": 0.90},
+        "students/x": {"all": 0.80, "many": 0.98, "medium": 0.60, "few": 0.65},
+    }
+    gap = gap_closed(models)
+    assert gap["baseline"] == "teachers/ce" and gap["upper_bound"] == "upper_bound/ce"
+    x = gap["models"]["students/x"]
+    assert x["all"] == pytest.approx(0.5) and x["few"] == pytest.approx(0.5) and x["medium"] == pytest.approx(-0.5)
+    assert math.isnan(x["many"])  # 0.5 points of gap: none
+    assert gap["models"]["upper_bound/ce"]["all"] == pytest.approx(1.0)
+    assert gap["models"]["teachers/ce"]["few"] == pytest.approx(0.0)
+    assert gap_closed({k: v for k, v in models.items() if k != "upper_bound/ce"}) == {}

@@ -451,7 +451,8 @@ def create_train_loader(cfg: TrainConfig, ctx: BuildContext, device: torch.devic
     """
     split = load_split(str(ctx.dataset_dir), "train")
     spec = input_spec or resolve_input(cfg.input, ctx.dataset)
-    transforms = [_transform(t, spec, **cfg.transform_args.get(t, {})) for t in cfg.transforms]
+    transforms = [_transform(t, spec, **{"hflip": ctx.dataset.hflip, **cfg.transform_args.get(t, {})})
+                  for t in cfg.transforms]
     sampler = create_sampler(cfg.sampler, labels=split.labels, seed=cfg.seed, num_epochs=cfg.epochs,
                              **cfg.sampler_args)
     return DataLoader(ImageDataset(split, transforms), batch_size=cfg.batch_size, sampler=sampler,

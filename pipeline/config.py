@@ -47,6 +47,7 @@ class DatasetConfig:
     seed: int = 0
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    hflip: bool = True  # training views flip horizontally; false for classes that are not mirror symmetric (digits)
 
 
 @dataclass
@@ -200,7 +201,20 @@ def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path} not found: run from the repository root (or compose it: dvc exp run)")
-    return yaml.safe_load(path.read_text()) or {}
+    try:
+        params = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path} is not valid YAML{where}: {problem}; fix it or compose it again "
+                          "(dvc exp run)") from None
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path} must be a mapping of sections (dataset, teachers, ...), got "
+                          f"{type(params).__name__}")
+    return params
 
 
 def _schema_at(schema: type, path: list[str]) -> type:
@@ -243,6 +257,8 @@ def raw_section(section: str, name: str | None = None, params_path: str | Path =
     raw = params.get(section, {})
     where = section
     if name is not None:
+        if raw is not None and not isinstance(raw, dict):
+            raise ConfigError(f"{section} must be a mapping of named entries, got {type(raw).__name__}")
         if name not in (raw or {}):
             raise ConfigError(f"{section}.{name} is not in {params_path}; defined: {', '.join(raw or {}) or 'none'}")
         raw, where = raw[name], f"{section}.{name}"

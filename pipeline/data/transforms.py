@@ -20,6 +20,9 @@ float32 CHW tensor. Images up to 64 px use the CIFAR recipes, larger ones the Im
 * ``simclr``: PaCo's key view ("SimCLR-CIFAR" / ``sim``): RRC(scale 0.2-1) + ColorJitter(0.4,0.4,0.4,0.1) p 0.8 +
   grayscale p 0.2 + GaussianBlur(sigma 0.1-2) p 0.5 + HFlip.
 
+Every training view flips horizontally with p 0.5 unless ``hflip=False``: a dataset whose classes are not mirror
+symmetric (digits: a mirrored 2, 3, 7 is no digit) declares ``hflip: false`` and every recipe's views drop the flip.
+
 Random draws use torch's RNG (seeded per DataLoader worker by torch). Departure: PaCo's Cutout draws its centre from
 the global numpy RNG; here it draws from torch's, so worker seeding covers it.
 """
@@ -124,15 +127,19 @@ def _simclr_jitter(strength: float = 1.0) -> nn.Module:
     return v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8)
 
 
-def _standard_geometry(image_size: int) -> list[nn.Module]:
+def _flip(hflip: bool) -> list[nn.Module]:
+    return [v2.RandomHorizontalFlip()] if hflip else []
+
+
+def _standard_geometry(image_size: int, hflip: bool = True) -> list[nn.Module]:
     if image_size <= SMALL_MAX:
-        return [ResizeIfNeeded(image_size), v2.RandomCrop(image_size, padding=4), v2.RandomHorizontalFlip()]
-    return [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()]
+        return [ResizeIfNeeded(image_size), v2.RandomCrop(image_size, padding=4), *_flip(hflip)]
+    return [v2.RandomResizedCrop(image_size, antialias=True), *_flip(hflip)]
 
 
 @TRANSFORMS.register("test")
-def test_transform(*, image_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
-    """Deterministic evaluation transform (no randomness)."""
+def test_transform(*, image_size: int, mean: Sequence[float], std: Sequence[float], hflip: bool = True) -> Callable:
+    """Deterministic evaluation transform (no randomness; ``hflip`` is accepted and has nothing to switch off)."""
     if image_size <= SMALL_MAX:
         ops: list[nn.Module] = [ResizeIfNeeded(image_size)]
     else:
@@ -141,44 +148,46 @@ def test_transform(*, image_size: int, mean: Sequence[float], std: Sequence[floa
 
 
 @TRANSFORMS.register("standard")
-def standard_transform(*, image_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
+def standard_transform(*, image_size: int, mean: Sequence[float], std: Sequence[float], hflip: bool = True) -> Callable:
     """Crop + flip: RandomCrop(pad 4) for small images, RandomResizedCrop for large ones."""
-    return v2.Compose([ToImage(), *_standard_geometry(image_size), *_finish(mean, std)])
+    return v2.Compose([ToImage(), *_standard_geometry(image_size, hflip), *_finish(mean, std)])
 
 
 @TRANSFORMS.register("cbd_augmented")
 def cbd_augmented_transform(
-    *, image_size: int, mean: Sequence[float], std: Sequence[float], gaussian_noise_std: float = 0.0
+    *, image_size: int, mean: Sequence[float], std: Sequence[float], gaussian_noise_std: float = 0.0,
+    hflip: bool = True,
 ) -> Callable:
     """CBD "data_aug" teacher: standard + SimCLR colour jitter (strength 1, p 0.8) + grayscale p 0.2.
 
     Args:
         gaussian_noise_std: 0 is the official pipeline; 0.01 reproduces the unofficial PyTorch port's extra noise.
     """
-    ops = [*_standard_geometry(image_size), _simclr_jitter(1.0), v2.RandomGrayscale(p=0.2)]
+    ops = [*_standard_geometry(image_size, hflip), _simclr_jitter(1.0), v2.RandomGrayscale(p=0.2)]
     extra = [GaussianNoise(gaussian_noise_std)] if gaussian_noise_std > 0 else []
     return v2.Compose([ToImage(), *ops, *_finish(mean, std, extra)])
 
 
 @TRANSFORMS.register("paco_query")
-def paco_query_transform(*, image_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
+def paco_query_transform(*, image_size: int, mean: Sequence[float], std: Sequence[float], hflip: bool = True) -> Callable:
     """PaCo CIFAR query view: RandomCrop pad 4 + HFlip + AutoAugment(CIFAR10) + Cutout(1 hole, 16 px at 32 px)."""
     cutout = Cutout(n_holes=1, length=max(1, int(round(16 * image_size / 32))))
     ops = [
         ResizeIfNeeded(image_size),
         v2.RandomCrop(image_size, padding=4),
-        v2.RandomHorizontalFlip(),
+        *_flip(hflip),
         v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10),
     ]
     return v2.Compose([ToImage(), *ops, *_finish(mean, std, [cutout])])
 
 
 @TRANSFORMS.register("paco_query_randaug")
-def paco_query_randaug_transform(*, image_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
+def paco_query_randaug_transform(*, image_size: int, mean: Sequence[float], std: Sequence[float],
+                                 hflip: bool = True) -> Callable:
     """PaCo ImageNet query view (``randcls``): RRC(0.08-1) + HFlip + ColorJitter(0.4,0.4,0.4,0) + RandAugment(2, 10)."""
     ops = [
         v2.RandomResizedCrop(image_size, scale=(0.08, 1.0), antialias=True),
-        v2.RandomHorizontalFlip(),
+        *_flip(hflip),
         v2.ColorJitter(0.4, 0.4, 0.4, 0.0),
         v2.RandAugment(num_ops=2, magnitude=10),
     ]
@@ -225,6 +234,7 @@ def deit_transform(
     color_jitter: float = 0.3,
     re_prob: float = 0.25,
     interpolation: str = "bicubic",
+    hflip: bool = True,
 ) -> Callable:
     """DeiT-LT student view (METHODS.md §6.3); the arguments default to the official ones.
 
@@ -235,7 +245,7 @@ def deit_transform(
 
     t = timm_transform(image_size, is_training=True, color_jitter=color_jitter, auto_augment=auto_augment,
                        interpolation=interpolation, re_prob=re_prob, re_mode="pixel", re_count=1,
-                       mean=tuple(mean), std=tuple(std))
+                       mean=tuple(mean), std=tuple(std), hflip=0.5 if hflip else 0.0)
     _patch_posterize(t)
     if image_size <= 32:  # as build_transform_deit: no resized crop for CIFAR-sized inputs
         from torchvision import transforms as tv1
@@ -247,11 +257,11 @@ def deit_transform(
 
 @TRANSFORMS.register("rac")
 def rac_transform(*, image_size: int, mean: Sequence[float], std: Sequence[float],
-                  auto_augment: str = "rand-n3-m1") -> Callable:
+                  auto_augment: str = "rand-n3-m1", hflip: bool = True) -> Callable:
     """RAC training view (Tables S6-S7, as read above)."""
     from timm.data import create_transform as timm_transform
 
-    t = timm_transform(image_size, is_training=True, scale=(0.95, 1.0), ratio=(0.75, 1.33), hflip=0.5,
+    t = timm_transform(image_size, is_training=True, scale=(0.95, 1.0), ratio=(0.75, 1.33), hflip=0.5 if hflip else 0.0,
                        auto_augment=auto_augment, color_jitter=0.0, interpolation="bicubic", mean=tuple(mean),
                        std=tuple(std))
     _patch_posterize(t)  # rand-n3-m1's Posterize keeps int(0.1 · 4) = 0 bits
@@ -259,7 +269,7 @@ def rac_transform(*, image_size: int, mean: Sequence[float], std: Sequence[float
 
 
 @TRANSFORMS.register("simclr")
-def simclr_transform(*, image_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
+def simclr_transform(*, image_size: int, mean: Sequence[float], std: Sequence[float], hflip: bool = True) -> Callable:
     """PaCo key view (MoCo v2 / SimCLR): RRC(0.2-1), jitter p 0.8, grayscale p 0.2, blur p 0.5, HFlip.
 
     The blur mirrors PIL's ``GaussianBlur(radius=sigma)`` with sigma ~ U(0.1, 2) px and a 13 px kernel (3 sigma).
@@ -269,7 +279,7 @@ def simclr_transform(*, image_size: int, mean: Sequence[float], std: Sequence[fl
         v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
         v2.RandomGrayscale(p=0.2),
         v2.RandomApply([v2.GaussianBlur(kernel_size=13, sigma=(0.1, 2.0))], p=0.5),
-        v2.RandomHorizontalFlip(),
+        *_flip(hflip),
     ]
     return v2.Compose([ToImage(), *ops, *_finish(mean, std)])
 

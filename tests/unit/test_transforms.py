@@ -86,3 +86,27 @@ def test_cbd_noise_option_changes_output():
 def test_unknown_transform():
     with pytest.raises(UnknownNameError, match="standard"):
         create_transform("autoaugment", image_size=32, mean=CIFAR_MEAN, std=CIFAR_STD)
+
+
+def _has_flip(t) -> bool:
+    ops = getattr(t, "transforms", [])
+    return any(type(op).__name__ == "RandomHorizontalFlip" or _has_flip(op) for op in ops)
+
+
+@pytest.mark.parametrize("name", [n for n in TRANSFORMS.names() if n != "test"])
+def test_hflip_false_removes_every_flip(name):
+    """A dataset that declares hflip: false (digits) gets no mirrored training view from any recipe."""
+    kw = dict(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    assert _has_flip(create_transform(name, **kw)) and not _has_flip(create_transform(name, hflip=False, **kw))
+
+
+def test_train_loader_takes_hflip_from_the_dataset(build_ctx, make_train_config):
+    import dataclasses
+
+    from pipeline.build import create_train_loader
+
+    cfg = make_train_config(transforms=["standard", "simclr"])
+    for hflip in (True, False):
+        ctx = dataclasses.replace(build_ctx, dataset=dataclasses.replace(build_ctx.dataset, hflip=hflip))
+        views = create_train_loader(cfg, ctx, torch.device("cpu")).dataset.transforms
+        assert all(_has_flip(v) == hflip for v in views)

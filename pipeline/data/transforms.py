@@ -169,7 +169,8 @@ def cbd_augmented_transform(
 
 
 @TRANSFORMS.register("paco_query")
-def paco_query_transform(*, image_size: int, mean: Sequence[float], std: Sequence[float], hflip: bool = True) -> Callable:
+def paco_query_transform(*, image_size: int, mean: Sequence[float], std: Sequence[float],
+                         hflip: bool = True) -> Callable:
     """PaCo CIFAR query view: RandomCrop pad 4 + HFlip + AutoAugment(CIFAR10) + Cutout(1 hole, 16 px at 32 px)."""
     cutout = Cutout(n_holes=1, length=max(1, int(round(16 * image_size / 32))))
     ops = [

@@ -20,7 +20,7 @@ import torch
 from pipeline.build import BuildContext, create_eval_loader, create_method, model_dir
 from pipeline.config import ConfigError, MemoryConfig, TrainConfig
 from pipeline.evaluate.predict import dump_model_outputs
-from pipeline.io import atomic_dir, write_json
+from pipeline.io import atomic_dir, load_tensors, write_json
 from pipeline.train.checkpoint import state_digest
 from pipeline.train.trainer import seed_everything
 
@@ -48,8 +48,8 @@ def score_memory(cfg: MemoryConfig, student: TrainConfig, ctx: BuildContext, out
     edits = {"add_splits": cfg.add_splits, "remove_classes": cfg.remove_classes, "remove_ids": cfg.remove_ids}
     seed_everything(student.seed)
     method = create_method(dataclasses.replace(student, method_args={**student.method_args, "memory": edits}), ctx)
-    method.network.load_state_dict(torch.load(src / "model.pt", map_location="cpu", weights_only=True))
-    method.branch.load_state_dict(torch.load(src / "branch.pt", map_location="cpu", weights_only=True))
+    method.network.load_state_dict(load_tensors(src / "model.pt"))
+    method.branch.load_state_dict(load_tensors(src / "branch.pt"))
     method.eval()
     net = method.export()
     d = ctx.dataset

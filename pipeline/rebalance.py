@@ -113,6 +113,7 @@ def rebalance(cfg: RebalanceConfig, ctx: BuildContext, out_dir: Path, checkpoint
     """Rebalance ``cfg.model`` with ``cfg.method``; write ``out_dir`` atomically; return its metrics."""
     src_dir = model_dir(ctx, cfg.model)
     src = load_network(src_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)  # a declared out, also for the methods that train nothing
     if cfg.method == "ncm":
         return _ncm(cfg, src, load_features(src_dir), ctx, out_dir)
     if cfg.method == "tau_norm" and cfg.tau_select != "learn":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import pickle
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -13,8 +14,11 @@ DATA = Path("data")
 DATASET_DIR = DATA / "dataset"
 CHECKPOINTS = Path("checkpoints")
 
-# Errors a user can fix from the message alone: printed as one line, exit code 2, no traceback.
-_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError)
+# Errors a user can fix from the message alone: printed as one line, exit code 2, no traceback. ValueError covers
+# ConfigError and SourceError; FloatingPointError the Trainer's NonFiniteLossError (a NaN/Inf loss); UnpicklingError
+# a file that torch.load(weights_only=True) refused because it holds pickled objects (which could run code).
+_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError, FloatingPointError,
+                                                 pickle.UnpicklingError)
 
 
 def setup_logging() -> None:
@@ -29,8 +33,17 @@ def run(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentPar
     args = parser.parse_args()
     try:
         main(args)
+    except ModuleNotFoundError as exc:  # a `python` without the project's packages (dvc run outside the venv)
+        print(f"error: {exc.name or exc} is not installed for {sys.executable}: activate the project's environment "
+              "(`source .venv/bin/activate`, after `make install`) and run the command again", file=sys.stderr)
+        sys.exit(2)
     except _USER_ERRORS as exc:
         msg = str(exc).strip().strip('"').splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if msg.startswith("Caught ") and "DataLoader worker" in msg:  # the worker's error is the text's last line
+            msg = str(exc).strip().splitlines()[-1].split(": ", 1)[-1]
+        if isinstance(exc, pickle.UnpicklingError):  # a torch.load outside pipeline.io.load_tensors
+            detail = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line), msg)
+            msg = f"refused to load a file holding pickled objects, which could run code ({detail})"
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
 

@@ -50,8 +50,32 @@ def main(args: argparse.Namespace) -> None:
         tracker.log_params(as_dict(cfg))
         tracker.log_metrics({f"{m}/{g}".replace(":", "_"): v for m, acc in report["models"].items()
                              for g, v in acc.items() if v == v})
-        for path in (REPORTS / "summary.md", REPORTS / "metrics.json", *sorted((REPORTS / "plots").glob("*.png"))):
+        for path in (REPORTS / "summary.md", REPORTS / "metrics.json", REPORTS / "per_class.csv"):
             tracker.log_artifact(str(path))
+        for path in sorted((REPORTS / "plots").glob("*.png")):
+            tracker.log_artifact(str(path), "plots")
+        for name, table in _comparison_tables(report).items():
+            tracker.log_table(table, f"tables/{name}.json")
+
+
+def _comparison_tables(report: dict) -> dict[str, dict[str, list]]:
+    """The report as MLflow tables: ``comparison`` (one row per model and head, a column per shot group, and the
+    gap closed per group where the report has it) and ``seeds`` (mean and std over seeds, when there are seeds)."""
+    from pipeline.evaluate.report import GROUPS as groups
+
+    gap = (report.get("gap_closed") or {}).get("models", {})
+    rows = [{"model": name.split(":", 1)[0], "head": name.split(":", 1)[1] if ":" in name else "main",
+             **{g: acc[g] for g in groups}, **{f"gap_closed_{g}": gap[name][g] for g in groups if name in gap}}
+            for name, acc in report["models"].items()]
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    tables = {"comparison": {c: [row.get(c) for row in rows] for c in columns}}
+    if report["seeds"]:
+        seeds = list(report["seeds"].items())
+        tables["seeds"] = {"model": [name for name, _ in seeds], "seeds": [len(s["runs"]) for _, s in seeds]}
+        for g in groups:
+            for stat in ("mean", "std"):
+                tables["seeds"][f"{g}_{stat}"] = [s[g][stat] for _, s in seeds]
+    return tables
 
 
 if __name__ == "__main__":

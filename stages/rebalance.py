@@ -12,8 +12,7 @@ def main(args) -> None:
     cfg = load_section("rebalance", args.name)
     ctx = build_context()
     model_dir(ctx, cfg.model)  # fail on an unknown model before anything is written
-    checkpoints = CHECKPOINTS / "rebalance" / args.name
-    checkpoints.mkdir(parents=True, exist_ok=True)  # a declared out, also for the methods that train nothing
+    checkpoints = CHECKPOINTS / "rebalance" / args.name  # created by rebalance() once the source model loads
     tags = {"model": args.name, "method": cfg.method, "source_model": cfg.model, "dataset": ctx.dataset.name}
     with create_tracker(f"rebalance@{args.name}", f"rebalance-{args.name}", tags) as tracker:
         tracker.log_params(as_dict(cfg))

@@ -23,8 +23,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
-import tempfile
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -180,6 +181,13 @@ def build_longtail(
         splits["train"] = rest.subset(subsample_indices(rest.labels, counts, seed))
 
     train_counts = np.bincount(splits["train"].labels, minlength=C).tolist()
+    empty = [c for c, n in enumerate(train_counts) if n == 0]
+    if empty:
+        names = ", ".join(repr(source.classes[c]) for c in empty[:5]) + (" ..." if len(empty) > 5 else "")
+        raise ValueError(
+            f"{len(empty)} class(es) have no training images after the splits ({names}): every class needs at "
+            f"least one; add images of them to the train split, or lower val_per_class / test_per_class"
+        )
     ds = LongTailDataset(
         source=source.name,
         classes=list(source.classes),
@@ -205,17 +213,49 @@ def build_longtail(
     return ds
 
 
-def save_dataset(ds: LongTailDataset, out_dir: str) -> None:
-    """Write ``manifest.json`` and ``{train,val,test}.npz`` into ``out_dir`` atomically.
+def _remove_stale(out_dir: str) -> None:
+    """Remove ``.<name>.tmp<pid>`` / ``.<name>.old<pid>`` siblings of ``out_dir`` left by killed processes.
+
+    (``pipeline.io.remove_stale`` does the same for the other stages; the dataset stage does not depend on it.)
+    """
+    parent, name = os.path.split(out_dir)
+    for entry in os.listdir(parent):
+        m = re.fullmatch(rf"\.{re.escape(name)}\.(?:tmp|old)(\d+)", entry)
+        if m is None or int(m[1]) == os.getpid():
+            continue
+        try:
+            os.kill(int(m[1]), 0)
+            continue  # a live process is writing it
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        logger.info("removing %s, left by an interrupted write", os.path.join(parent, entry))
+        shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def save_dataset(ds: LongTailDataset, out_dir: str, plot: bool = False) -> None:
+    """Write ``manifest.json`` and ``{train,val,test}.npz`` (and ``class_counts.png``) into ``out_dir`` atomically.
 
     Files are written into a temporary directory next to ``out_dir`` and renamed into place when complete; an
-    existing ``out_dir`` is replaced only then, so an interruption leaves the old output or none.
+    existing ``out_dir`` is replaced only then, so an interruption leaves the old output or none (and the next call
+    removes the temporary directories that an interrupted one left).
     Each npz holds ``labels``, ``ids`` and either ``images`` (N, H, W, 3) uint8 or ``paths`` + ``root``.
+
+    Args:
+        ds: the dataset.
+        out_dir: the output directory.
+        plot: also write ``class_counts.png`` (:func:`plot_class_counts`).
     """
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    _remove_stale(out_dir)
+    base = os.path.basename(out_dir)
+    tmp = os.path.join(parent, f".{base}.tmp{os.getpid()}")
+    old = os.path.join(parent, f".{base}.old{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.mkdir(tmp)
     try:
         for name, split in ds.splits.items():
             arrays = {"labels": split.labels, "ids": split.ids if split.ids is not None else np.arange(len(split))}
@@ -227,16 +267,17 @@ def save_dataset(ds: LongTailDataset, out_dir: str) -> None:
             np.savez(os.path.join(tmp, f"{name}.npz"), **arrays)
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump(ds.manifest(), f, indent=2)
-        old = None
+        if plot:
+            plot_class_counts(ds.train_counts, ds.shot_groups, os.path.join(tmp, "class_counts.png"))
         if os.path.exists(out_dir):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
-            os.rename(out_dir, os.path.join(old, "d"))
+            os.rename(out_dir, old)
         os.rename(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
+        if os.path.exists(old) and not os.path.exists(out_dir):
+            os.rename(old, out_dir)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_manifest(dataset_dir: str) -> dict:
@@ -252,10 +293,14 @@ def load_split(dataset_dir: str, split: str) -> SplitData:
     path = os.path.join(dataset_dir, f"{split}.npz")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found; run the dataset stage first")
-    with np.load(path, allow_pickle=False) as z:
-        if "images" in z:
-            return SplitData(labels=z["labels"], images=z["images"], ids=z["ids"])
-        return SplitData(labels=z["labels"], paths=z["paths"].tolist(), root=str(z["root"]) or None, ids=z["ids"])
+    try:  # allow_pickle=False: an object array (which would unpickle, and could run code) is refused
+        with np.load(path, allow_pickle=False) as z:
+            if "images" in z:
+                return SplitData(labels=z["labels"], images=z["images"], ids=z["ids"])
+            return SplitData(labels=z["labels"], paths=z["paths"].tolist(), root=str(z["root"]) or None, ids=z["ids"])
+    except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile) as e:
+        reason = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is not a valid dataset split ({reason}); rebuild it with the dataset stage") from None
 
 
 def plot_class_counts(counts: Sequence[int], groups: Sequence[str], path: str) -> None:
@@ -309,8 +354,15 @@ class ImageDataset(Dataset):
         from PIL import Image
 
         path = os.path.join(self.split.root or "", self.split.paths[index])
-        with Image.open(path) as im:
-            return im.convert("RGB")
+        try:
+            with Image.open(path) as im:
+                return im.convert("RGB")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"image {path} does not exist; fix its split-file line or the root") from None
+        except (OSError, ValueError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
+            reason = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"cannot read image {path} ({reason}); replace it or remove its line from the split "
+                             "file") from None
 
     def __getitem__(self, index: int) -> tuple[tuple[torch.Tensor, ...], int, int]:
         img = self.load(index)

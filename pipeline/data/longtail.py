@@ -48,12 +48,12 @@ def longtail_counts(n_max: float, num_classes: int, imbalance_factor: float, pro
     Raises:
         ValueError: for IF < 1, C < 1, n_max < 1, an unknown profile, or a class that would get 0 images.
     """
-    if imbalance_factor < 1:
+    if not imbalance_factor >= 1:  # written so that NaN fails too
         raise ValueError(f"imbalance_factor must be >= 1 (n_max / n_min), got {imbalance_factor}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    if n_max < 1:
-        raise ValueError(f"n_max must be >= 1, got {n_max}")
+    if not (n_max >= 1 and math.isfinite(n_max)):
+        raise ValueError(f"n_max must be a finite number >= 1, got {n_max}")
     C = int(num_classes)
     imb = 1.0 / imbalance_factor  # the official `imb_factor` argument (0.01 for IF 100)
     if profile == "exp":

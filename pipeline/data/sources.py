@@ -13,6 +13,7 @@ Each source returns a :class:`SourceData` whose splits are among ``train`` / ``v
 
 from __future__ import annotations
 
+import codecs
 import logging
 import os
 import pickle
@@ -194,10 +195,47 @@ _CIFAR = {
 }
 
 
+def _multiarray():
+    try:
+        from numpy._core import multiarray  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core import multiarray
+    return multiarray
+
+
+# The only globals the official CIFAR pickles (dicts of strings, lists and uint8 arrays) reference; resolving any
+# other one could run code, so _SafeUnpickler refuses it.
+_CIFAR_GLOBALS = {
+    ("numpy", "ndarray"): lambda: np.ndarray,
+    ("numpy", "dtype"): lambda: np.dtype,
+    ("numpy.core.multiarray", "_reconstruct"): lambda: _multiarray()._reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): lambda: _multiarray()._reconstruct,
+    ("numpy.core.multiarray", "scalar"): lambda: _multiarray().scalar,
+    ("numpy._core.multiarray", "scalar"): lambda: _multiarray().scalar,
+    ("_codecs", "encode"): lambda: codecs.encode,
+}
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Unpickles plain data and numpy arrays only: a pickle naming any other callable is refused, never run."""
+
+    def find_class(self, module: str, name: str):
+        getter = _CIFAR_GLOBALS.get((module, name))
+        if getter is None:
+            raise pickle.UnpicklingError(f"it references {module}.{name}, which is not part of the CIFAR format")
+        return getter()
+
+
 def _unpickle(path: str) -> dict:
     # The CIFAR pickles were written by Python 2; latin1 decodes their byte strings (as torchvision does).
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="latin1")
+    try:
+        with open(path, "rb") as f:
+            entry = _SafeUnpickler(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+        raise SourceError(f"{path}: refused, not an official CIFAR pickle ({e}); download it again") from None
+    if not isinstance(entry, dict):
+        raise SourceError(f"{path}: not an official CIFAR pickle (holds a {type(entry).__name__}); download it again")
+    return entry
 
 
 def _load_cifar(name: str, root: str, download: bool) -> SourceData:

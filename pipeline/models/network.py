@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.io import load_tensors
 from pipeline.models.backbones import create_backbone
 from pipeline.models.heads import create_head
 
@@ -128,5 +129,5 @@ def load_network(model_dir: str | Path, map_location: str | torch.device = "cpu"
     # model.pt holds every weight: never fetch the initial pretrained weights again (offline, or moved files)
     spec["backbone"] = {k: v for k, v in spec["backbone"].items() if k not in ("pretrained", "checkpoint_file")}
     net = Network(spec)
-    net.load_state_dict(torch.load(d / "model.pt", map_location=map_location, weights_only=True))
+    net.load_state_dict(load_tensors(d / "model.pt", map_location=map_location))
     return net.eval()

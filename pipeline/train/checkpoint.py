@@ -3,6 +3,12 @@
 A checkpoint holds the method's state (parameters and buffers: momentum encoder, queue and pointer...), the
 optimizer, the number of completed epochs, the history of per-epoch metrics, the best state for model selection,
 the RNG states and a hash of the config, so that a run with a changed config starts over instead of resuming.
+
+A checkpoint that cannot be read (truncated, foreign, or holding pickled objects that ``weights_only`` refuses) is
+ignored with a warning and training starts over. Test hook (``LONGTAIL_TEST_KILL_AT``, see ``pipeline.io``): the
+points ``checkpoint:load`` (before the checkpoint is read: nothing trained yet), ``checkpoint:tmp:<epoch>`` (the
+checkpoint after ``<epoch>`` epochs is written to its temporary file, not yet renamed) and
+``checkpoint:saved:<epoch>`` (right after the rename).
 """
 
 from __future__ import annotations
@@ -11,12 +17,16 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from pipeline.io import kill_point, remove_stale
 
 logger = logging.getLogger(__name__)
 
@@ -76,23 +86,46 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` through a temporary file and an atomic rename."""
+    """Write ``state`` to ``path`` through a temporary file and an atomic rename (removing leftovers of killed runs)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        kill_point("checkpoint:tmp", state.get("epoch"))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    kill_point("checkpoint:saved", state.get("epoch"))
+
+
+def _reason(exc: BaseException) -> str:
+    """One line saying why a checkpoint could not be read (torch's refusal text spans many lines)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if isinstance(exc, pickle.UnpicklingError):
+        detail = next((line for line in lines if "GLOBAL" in line or line.startswith("Unsupported")), "")
+        return f"refused by torch.load(weights_only=True), it is not plain tensors: {detail or lines[0]}"
+    return lines[0] if lines else type(exc).__name__
 
 
 def load_checkpoint(path: str | Path, expected_hash: str) -> dict[str, Any] | None:
     """The checkpoint at ``path`` if it exists and was written for the same config, else None (and say why)."""
+    kill_point("checkpoint:load")
     path = Path(path)
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols before refusing them
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or foreign file: start over rather than crash
-        logger.warning("ignoring unreadable checkpoint %s (%s); starting over", path, exc)
+        logger.warning("ignoring unreadable checkpoint %s (%s); starting over", path, _reason(exc))
+        return None
+    if not isinstance(state, dict):
+        logger.warning("ignoring checkpoint %s: it holds a %s, not a checkpoint; starting over", path,
+                       type(state).__name__)
         return None
     if state.get("config_hash") != expected_hash:
         logger.warning("checkpoint %s was written for a different config; starting over", path)

@@ -15,12 +15,21 @@ unlocked). Telemetry is switched off before mlflow is imported.
 We use ``MlflowClient`` with explicit run ids instead of the fluent API, whose active-run stack is thread-local
 global state; the system tags the fluent ``start_run`` would add are resolved with mlflow's tag-context registry.
 
+The experiment carries ``mlflow.experimentKind = custom_model_development``, the tag the MLflow 3 UI writes when a
+user picks "Machine learning" as the experiment's type (the 3.17.2 UI still opens an experiment in the view of its
+sidebar switch "GenAI | Model training", default GenAI: ``?workflowType=machine_learning``, see docs/mlflow.md). A
+training run holds, besides params and metrics, its model as an MLflow PyTorch model (:meth:`MLflowTracker.log_model`:
+spec, weights, input example, signature), its plots and the dataset it was trained on as a run input
+(:meth:`MLflowTracker.log_dataset`); the evaluate run holds the comparison as an MLflow table
+(:meth:`MLflowTracker.log_table`). docs/mlflow.md shows what the UI gives from that.
+
 Set ``LONGTAIL_TRACKING=off`` to get a :class:`NullTracker` (tests, quick runs).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import logging
 import math
@@ -29,13 +38,16 @@ import re
 import sqlite3
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Protocol, Self, runtime_checkable
 
 # Telemetry must be off before mlflow is imported anywhere in this process (no network here; CI sets CI=1 anyway).
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# Never let model logging ask a package index about the model's requirements (``pip install --dry-run``): no network.
+os.environ.setdefault("MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK", "true")
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +55,13 @@ EXPERIMENT = "longtail-pipeline"
 PARENT_RUN_ENV = "LONGTAIL_PARENT_RUN_ID"
 TRACKING_SWITCH_ENV = "LONGTAIL_TRACKING"
 PARENT_TAG = "mlflow.parentRunId"  # = mlflow.utils.mlflow_tags.MLFLOW_PARENT_RUN_ID
+# What the MLflow 3 UI reads and writes (``setExperimentTag({key: "mlflow.experimentKind", value: kind})`` in its JS
+# bundle; kinds ``genai_development`` and ``custom_model_development``, shown as "GenAI apps & agents" and "Machine
+# learning"). No Python constant exists for it in mlflow 3.17.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# Modules a pickled ``Network`` needs at load time besides the project itself (pinned to this environment).
+_MODEL_REQUIREMENTS = ("torch", "timm", "numpy", "cloudpickle")
 _FALLBACK_MAX_PARAM_LEN = 500  # mlflow < 2.x limit; the installed limit is read from mlflow when available
 _KEY_BAD_CHARS = re.compile(r"[^\w\-. /:]")  # mlflow keys: alphanumerics, _ - . space / :
 
@@ -62,6 +81,22 @@ class Tracker(Protocol):
     def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None: ...
 
     def set_tags(self, tags: Mapping[str, Any]) -> None: ...
+
+    def log_model(
+        self,
+        network: Any,
+        model_dir: str | os.PathLike[str],
+        *,
+        input_example: Any = None,
+        name: str | None = None,
+        step: int | None = None,
+    ) -> str | None: ...
+
+    def log_dataset(
+        self, table: Mapping[str, Sequence[Any]], *, name: str, digest: str, source: str, context: str = "train"
+    ) -> None: ...
+
+    def log_table(self, table: Mapping[str, Sequence[Any]], artifact_file: str) -> None: ...
 
     def close(self, status: RunStatus = "FINISHED") -> None: ...
 
@@ -100,6 +135,26 @@ class NullTracker(_ContextMixin):
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Ignore tags."""
+
+    def log_model(
+        self,
+        network: Any,
+        model_dir: str | os.PathLike[str],
+        *,
+        input_example: Any = None,
+        name: str | None = None,
+        step: int | None = None,
+    ) -> str | None:
+        """Ignore a model; no URI."""
+        return None
+
+    def log_dataset(
+        self, table: Mapping[str, Sequence[Any]], *, name: str, digest: str, source: str, context: str = "train"
+    ) -> None:
+        """Ignore a dataset input."""
+
+    def log_table(self, table: Mapping[str, Sequence[Any]], artifact_file: str) -> None:
+        """Ignore a table."""
 
     def close(self, status: RunStatus = "FINISHED") -> None:
         """Nothing to close."""
@@ -144,7 +199,7 @@ def _sqlite_path(uri: str) -> Path | None:
 
 
 def _experiment_in_db(db: Path, experiment: str) -> bool:
-    """Cheap check (no mlflow import, ~1 ms) that the DB exists, is migrated and holds the experiment."""
+    """Cheap check (no mlflow import, ~1 ms) that the DB exists, is migrated and holds the experiment with its kind."""
     if not db.is_file() or db.stat().st_size == 0:
         return False
     try:
@@ -152,7 +207,9 @@ def _experiment_in_db(db: Path, experiment: str) -> bool:
             if con.execute("SELECT version_num FROM alembic_version").fetchone() is None:
                 return False
             row = con.execute(
-                "SELECT 1 FROM experiments WHERE name = ? AND lifecycle_stage = 'active'", (experiment,)
+                "SELECT 1 FROM experiments e JOIN experiment_tags t ON t.experiment_id = e.experiment_id "
+                "WHERE e.name = ? AND e.lifecycle_stage = 'active' AND t.key = ?",
+                (experiment, EXPERIMENT_KIND_TAG),
             ).fetchone()
             return row is not None
     except sqlite3.Error:
@@ -172,14 +229,22 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 
 def _ensure_experiment(client: Any, experiment: str, repo_root: Path) -> str:
-    """Id of ``experiment``, created with its artifact location under ``<repo>/mlartifacts`` if missing."""
+    """Id of ``experiment``, created with its artifact location under ``<repo>/mlartifacts`` if missing.
+
+    The experiment is tagged as model training (:data:`EXPERIMENT_KIND`); an existing one is tagged only when it has
+    no kind yet, so a kind a user chose in the UI stays.
+    """
     exp = client.get_experiment_by_name(experiment)
     if exp is not None:
         if exp.lifecycle_stage != "active":
             client.restore_experiment(exp.experiment_id)
+        if EXPERIMENT_KIND_TAG not in exp.tags:
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     location = f"{artifact_root(repo_root)}/{experiment}"
-    return client.create_experiment(experiment, artifact_location=location)
+    return client.create_experiment(
+        experiment, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+    )
 
 
 def init_store(repo_root: str | os.PathLike[str], experiment: str = EXPERIMENT, tracking_uri: str | None = None) -> str:
@@ -255,6 +320,68 @@ def _param_value(value: Any, limit: int) -> str:
     return text
 
 
+def _model_name(name: str) -> str:
+    """A LoggedModel name: mlflow refuses ``/ : . % " '`` in it (``teacher@r32`` stays, ``a/b.c`` → ``a-b_c``)."""
+    return _clean_key(name).replace("/", "-").replace(":", "-").replace(".", "_") or "model"
+
+
+def _json_safe(value: Any) -> Any:
+    """A table cell as JSON takes it: NaN/Inf (an empty shot group) become None (``null``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _pip_requirements() -> list[str]:
+    """``name==version`` of :data:`_MODEL_REQUIREMENTS` as installed here (mlflow adds itself)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = []
+    for name in _MODEL_REQUIREMENTS:
+        try:
+            pins.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            logger.debug("%s is not installed; left out of the model's requirements", name)
+    return pins
+
+
+@contextlib.contextmanager
+def _pinned_requirements_check() -> Iterator[None]:
+    """Make mlflow's check of the model's requirements against this environment cost milliseconds, not a second.
+
+    ``warn_dependency_requirement_mismatches`` (run when a model is saved and again when its input example is
+    validated) first maps every importable module to its distribution with ``importlib_metadata
+    .packages_distributions()``: 0.4-1.3 s per process in this environment (249 distributions, 96 without
+    ``top_level.txt``, so their file lists are read). The map only serves as a fallback for requirements whose
+    distribution metadata is missing; ours are pinned from the installed distributions (:func:`_pip_requirements`),
+    so an empty map gives the same answer through ``importlib_metadata.version``. It is restored afterwards, so
+    requirement *inference* elsewhere in the process still sees the full map. Without that private module (another
+    mlflow version) nothing changes but the time.
+    """
+    try:
+        from mlflow.utils import requirements_utils as reqs
+    except ImportError:  # pragma: no cover - depends on the mlflow version
+        yield
+        return
+    if getattr(reqs, "_MODULES_TO_PACKAGES", ()) is not None:  # already built (or unknown layout): leave it
+        yield
+        return
+    reqs._MODULES_TO_PACKAGES = {}
+    try:
+        yield
+    finally:
+        reqs._MODULES_TO_PACKAGES = None
+        reqs._PACKAGES_TO_MODULES = None
+
+
+def _on_cpu(network: Any) -> Any:
+    """``network`` itself when all its tensors are on the CPU, else a CPU copy (a pickled CUDA model needs a GPU)."""
+    tensors = [*network.parameters(), *network.buffers()]
+    if all(t.device.type == "cpu" for t in tensors):
+        return network
+    return copy.deepcopy(network).cpu()
+
+
 def _git_commit(cwd: Path) -> str | None:
     """``git rev-parse HEAD`` in ``cwd``, or None outside a git repo / before the first commit."""
     try:
@@ -318,7 +445,9 @@ class MLflowTracker(_ContextMixin):
         resolved = resolve_tags({k: str(v) for k, v in run_tags.items()})
         run = self._client.create_run(experiment_id, run_name=run_name, tags=resolved)
         self.run_id: str | None = run.info.run_id
+        self.run_name = run_name
         self.experiment_id = experiment_id
+        self._model_tags = {k: str(v) for k, v in run_tags.items() if k != PARENT_TAG}
         self._closed = False
         logger.info(
             "MLflow run %s (%s) in %s%s",
@@ -367,6 +496,114 @@ class MLflowTracker(_ContextMixin):
         entries = [RunTag(_clean_key(str(k)), _param_value(v, 8000)) for k, v in tags.items()]
         if entries:
             self._client.log_batch(self.run_id, tags=entries)
+
+    def log_model(
+        self,
+        network: Any,
+        model_dir: str | os.PathLike[str],
+        *,
+        input_example: Any = None,
+        name: str | None = None,
+        step: int | None = None,
+    ) -> str | None:
+        """Log a trained network as an MLflow PyTorch model of this run; return its ``models:/<id>`` URI.
+
+        The model (MLflow 3 ``LoggedModel``, listed on the run's and the experiment's Models tab) holds the pickled
+        module (``data/model.pth``, for ``mlflow.pytorch.load_model``), the project's own files ``model.json`` (spec)
+        and ``model.pt`` (state_dict) under ``extra_files/`` (for ``pipeline.models.network.load_network``, which never
+        unpickles code), the input example with the signature inferred from it, and requirements pinned to this
+        environment (nothing is inferred or resolved over the network). Metrics of the run at ``step`` are linked to
+        the model. Failing to log is a warning, not an error: the stage's outputs are already written.
+
+        Args:
+            network: the ``torch.nn.Module`` to log (a CPU copy is logged if it lives on a GPU).
+            model_dir: directory with the network's ``model.json`` and ``model.pt`` (the stage's out).
+            input_example: a small batch of preprocessed images, ``(B, C, H, W)`` float32 numpy.
+            name: model name; default the run name.
+            step: the step whose metrics describe the model (default 0).
+        """
+        import mlflow.pytorch
+        import torch
+        from mlflow.models import infer_signature
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+        started = time.perf_counter()
+        model_dir = Path(model_dir)
+        extra_files = [str(model_dir / f) for f in ("model.json", "model.pt") if (model_dir / f).is_file()]
+        name = _model_name(name or self.run_name)
+        threads, training = torch.get_num_threads(), network.training
+        net = network
+        try:
+            net = _on_cpu(network).eval()
+            # The example's forward passes (ours for the signature, mlflow's serving check) are a few images: one
+            # thread is 10-50x faster than two on a busy 2-core machine (tests/conftest.py measured the same).
+            torch.set_num_threads(1)
+            signature = None
+            if input_example is not None:
+                with torch.no_grad():
+                    output = net(torch.as_tensor(input_example))
+                signature = infer_signature(input_example, output.numpy())
+            # Created here rather than inside ``log_model``: mlflow would put it in the fluent API's current
+            # experiment (the Default one), not this run's.
+            params = self._client.get_run(self.run_id).data.params
+            model = self._client.create_logged_model(
+                self.experiment_id, name=name, source_run_id=self.run_id, params=params, tags=self._model_tags
+            )
+            with _use_tracking_uri(self.tracking_uri), _pinned_requirements_check():
+                info = mlflow.pytorch.log_model(
+                    net,
+                    name=name,
+                    model_id=model.model_id,
+                    run_id=self.run_id,
+                    step=int(step or 0),
+                    input_example=input_example,
+                    signature=signature,
+                    pip_requirements=_pip_requirements(),
+                    extra_files=extra_files,
+                    # "pt2" (mlflow 3's default, torch.export) takes 2-4 s per model here and loads back as a graph
+                    # module without forward_features; pickle loads back the Network itself.
+                    serialization_format="pickle",
+                )
+        except Exception as exc:  # noqa: BLE001 - a tracking copy must not fail a finished stage
+            logger.warning("Could not log %s to MLflow (%s: %s); its files are in %s", name, type(exc).__name__,
+                           exc, model_dir)
+            return None
+        finally:
+            torch.set_num_threads(threads)
+            net.train(training)
+        logger.info("Logged model %s (%s) in %.2f s", name, info.model_uri, time.perf_counter() - started)
+        return info.model_uri
+
+    def log_dataset(
+        self, table: Mapping[str, Sequence[Any]], *, name: str, digest: str, source: str, context: str = "train"
+    ) -> None:
+        """Record a dataset as an input of this run (the run page's and the runs table's "Dataset" column).
+
+        Args:
+            table: the dataset's description as columns, e.g. ``{"class": [...], "train_count": [...]}``; mlflow
+                stores its schema and size, not the rows.
+            name: dataset name.
+            digest: content digest (at most 36 characters), e.g. of the dataset manifest.
+            source: where the dataset lives (a path or URI).
+            context: its role for the run (``train``, ``eval``).
+        """
+        import mlflow.data
+        import pandas as pd
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        with warnings.catch_warnings():  # two equivalent local sources registered; int columns "cannot be NaN"
+            warnings.filterwarnings("ignore", "The specified dataset source can be interpreted", UserWarning)
+            warnings.filterwarnings("ignore", "Hint: Inferred schema contains integer", UserWarning)
+            dataset = mlflow.data.from_pandas(pd.DataFrame(dict(table)), source=source, name=name, digest=digest[:36])
+            entity = dataset._to_mlflow_entity()  # what mlflow.log_input logs, without the fluent active run
+        entry = DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+        self._client.log_inputs(self.run_id, datasets=[entry])
+
+    def log_table(self, table: Mapping[str, Sequence[Any]], artifact_file: str) -> None:
+        """Log columns as an MLflow table (``artifact_file`` ends in ``.json``; NaN becomes ``null``)."""
+        clean = {str(k): [_json_safe(v) for v in col] for k, col in table.items()}
+        self._client.log_table(self.run_id, clean, artifact_file)
 
     def close(self, status: RunStatus = "FINISHED") -> None:
         """End the run with ``status`` (FINISHED, FAILED or KILLED); later calls do nothing."""

@@ -87,7 +87,7 @@ wait_healthy "MLflow server" "http://127.0.0.1:${MLFLOW_PORT}/health" "$LOG_DIR/
 cat <<EOF
 
   Prefect UI : http://127.0.0.1:${PREFECT_PORT}   (Deployments → longtail-pipeline / longtail → Run → Custom run)
-  MLflow UI  : http://127.0.0.1:${MLFLOW_PORT}    (experiment longtail-pipeline; stage runs nested under each pipeline run)
+  MLflow UI  : http://127.0.0.1:${MLFLOW_PORT}/#/experiments?workflowType=machine_learning    (experiment longtail-pipeline; stage runs nested under each pipeline run)
   Logs       : $LOG_DIR
 
 EOF

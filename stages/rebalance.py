@@ -20,6 +20,9 @@ def main(args) -> None:
         tracker.log_metrics({f"test/{k}": v for k, v in summary["test"]["main"].items() if v == v})
         if "tau" in summary:
             tracker.log_params({"chosen_tau": summary["tau"]})
+        sweep = DATA / "rebalance" / args.name / "tau_sweep.png"
+        if sweep.is_file():
+            tracker.log_artifact(str(sweep), "plots")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import asdict
@@ -98,11 +99,42 @@ def write_outputs(method: Method, trainer: Trainer, ctx: BuildContext, out_dir: 
         write_json(tmp / "history.json", trainer.history)
     logger.info("wrote %s in %.1fs", out_dir, time.perf_counter() - t0)
     if tracker is not None:
+        t0, cpu0 = time.perf_counter(), time.process_time()
         main = method.head_names[0]
+        step = summary["epochs"]  # after the last epoch: the step of the final metrics and of the logged model
         final = {f"test/{k}": v for k, v in summary["test"].get(main, {}).items()}
-        tracker.log_metrics({k: v for k, v in final.items() if np.isfinite(v)}, step=None)
+        tracker.log_metrics({k: v for k, v in final.items() if np.isfinite(v)}, step=step)
         tracker.log_artifact(str(out_dir / "metrics.json"))
+        for plot in sorted(out_dir.glob("*.png")):
+            tracker.log_artifact(str(plot), "plots")
+        _log_dataset(tracker, ctx)
+        example = _input_example(next((loaders[s] for s in ("test", "val", "train") if loaders[s] is not None), None))
+        tracker.log_model(net, out_dir, input_example=example, step=step)
+        logger.info("logged %s to MLflow in %.2fs (%.2fs CPU)", out_dir, time.perf_counter() - t0,
+                    time.process_time() - cpu0)
     return summary
+
+
+def _log_dataset(tracker: Any, ctx: BuildContext) -> None:
+    """The dataset as the run's train input: one row per class, named by the dataset, digest = the manifest's md5."""
+    path = ctx.dataset_dir / "manifest.json"
+    m = ctx.manifest
+    table = {"class": [str(c) for c in m["classes"]], "train_count": m["train_counts"], "shot_group": m["shot_groups"]}
+    tracker.log_dataset(table, name=ctx.dataset.name, digest=hashlib.md5(path.read_bytes()).hexdigest(),
+                        source=str(path.resolve()))
+
+
+def _input_example(loader: Any, max_values: int = 16_384) -> np.ndarray | None:
+    """The first few preprocessed images of ``loader``'s split, ``(B, C, H, W)`` float32, at most ``max_values``
+    numbers (4 CIFAR images, 1 ImageNet image): mlflow stores the example as JSON text, twice."""
+    if loader is None:
+        return None
+    dataset = loader.dataset
+    first = dataset[0]
+    per_image = int(np.prod(first[0][0].shape))
+    n = max(1, min(4, len(dataset), max_values // per_image))
+    batch = loader.collate_fn([first, *(dataset[i] for i in range(1, n))])
+    return batch["images"][0].float().numpy()
 
 
 def train_and_export(cfg: TrainConfig, ctx: BuildContext, out_dir: Path, checkpoint_dir: Path, tracker: Any = None,

@@ -121,3 +121,29 @@ def make_train_config() -> Callable[..., object]:
         return TrainConfig(**kw)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def copy_repo() -> Callable[[Path, dict], Path]:
+    """``copy_repo(dst, params)``: the working tree (tracked and untracked, not ignored files) copied to ``dst`` as
+    its own git + DVC repository without ``dvc.lock``, with ``params`` as its ``params.yaml``."""
+    import shutil
+    import subprocess
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+
+    def copy(dst: Path, params: dict) -> Path:
+        files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.split()
+        for f in files:
+            if (root / f).is_file():
+                (dst / f).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(root / f, dst / f)
+        (dst / "dvc.lock").unlink(missing_ok=True)
+        subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
+        (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        return dst
+
+    return copy

@@ -76,17 +76,9 @@ def write_params(repo: Path, params: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def repo(tmp_path_factory: pytest.TempPathFactory, copy_repo) -> Path:
     """A copy of the working tree (tracked and untracked, not ignored files) as its own git + DVC repo."""
-    dst = tmp_path_factory.mktemp("pipeline") / "repo"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for f in files:
-        if (ROOT / f).is_file():
-            (dst / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, dst / f)
-    (dst / "dvc.lock").unlink(missing_ok=True)
-    subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
+    dst = copy_repo(tmp_path_factory.mktemp("pipeline") / "repo", {})
     write_params(dst, tiny_params(dst))
     subprocess.run([sys.executable, "-c", "from pipeline.tracking import init_store; init_store('.')"], cwd=dst,
                    env=_env(dst), check=True)

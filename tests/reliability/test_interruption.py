@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -104,21 +103,8 @@ def stale_rwlock(repo: Path) -> dict:
     return {k: v for k, v in lock.items() if v}
 
 
-def copy_repo(dst: Path, params: dict) -> Path:
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for f in files:
-        if (ROOT / f).is_file():
-            (dst / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, dst / f)
-    (dst / "dvc.lock").unlink(missing_ok=True)
-    subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
-    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    return dst
-
-
 @pytest.fixture(scope="module")
-def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_repo(tmp_path_factory: pytest.TempPathFactory, copy_repo) -> Path:
     return copy_repo(tmp_path_factory.mktemp("reliability") / "repo", TINY_PARAMS)
 
 

@@ -1,8 +1,9 @@
 """The whole DVC pipeline on a tiny config, in a temporary copy of the repository.
 
-Checks the stage contracts end to end: the table and metrics, one MLflow run per stage execution, a second
-``dvc repro`` that runs nothing, a changed teacher setting that reruns only its branch, and a teacher killed with
-SIGKILL mid-training (process group, as a preempted worker) that resumes from its checkpoint to the same weights.
+Checks the stage contracts end to end (run as ``make run`` runs them, two stages at a time): the table and metrics,
+one MLflow run per stage execution, a second plain ``dvc repro`` that runs nothing, a changed teacher setting that
+reruns only its branch, and a teacher killed with SIGKILL mid-training (process group, as a preempted worker) that
+resumes from its checkpoint to the same weights.
 """
 
 from __future__ import annotations
@@ -40,6 +41,15 @@ def dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProce
     proc = subprocess.run([str(BIN / "dvc"), *args], cwd=repo, env=_env(repo), capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"dvc {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def run_pipeline(repo: Path) -> subprocess.CompletedProcess:
+    """What ``make run`` does: every stage as ``dvc --wait-for-lock repro -s``, two at a time."""
+    proc = subprocess.run([sys.executable, "-m", "pipeline.orchestrate", "run", "-j", "2"], cwd=repo, env=_env(repo),
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise AssertionError(f"pipeline.orchestrate run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
 
 
@@ -87,7 +97,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory, copy_repo) -> Path:
 
 @pytest.fixture(scope="module")
 def first_run(repo: Path) -> subprocess.CompletedProcess:
-    return dvc(repo, "repro")
+    return run_pipeline(repo)
 
 
 def test_pipeline_writes_the_table_for_every_model(repo: Path, first_run: subprocess.CompletedProcess) -> None:
@@ -151,7 +161,7 @@ def test_changing_one_teacher_reruns_only_its_branch(repo: Path, first_run: subp
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["teachers"]["ce"]["optimizer"]["lr"] = 0.05
     write_params(repo, params)
-    stages = set(ran_stages(dvc(repo, "repro").stdout))
+    stages = set(ran_stages(run_pipeline(repo).stdout))
     assert "teacher@ce" in stages and "evaluate" in stages
     assert "dataset" not in stages
     assert not any(s.startswith("teacher@") and s != "teacher@ce" for s in stages)

@@ -24,6 +24,7 @@ from pipeline.config import (
     InputConfig,
     ModelConfig,
     RebalanceConfig,
+    SeedsConfig,
     TrainConfig,
     parse_schema,
     raw_section,
@@ -135,6 +136,10 @@ def validate_names(obj: Any, where: str) -> None:
         if "/" not in obj.model:
             raise ConfigError(f"{where}.model must be '<teachers|students>/<name>', got {obj.model!r}")
         _validate_train(obj.train, f"{where}.train")
+    elif isinstance(obj, SeedsConfig):
+        if any(k < 1 for k in obj.replicas) or len(set(obj.replicas)) != len(obj.replicas):
+            raise ConfigError(f"{where}.replicas must be distinct seed offsets >= 1 (0 is the primary run), got "
+                              f"{obj.replicas}")
 
 
 def to_schema(schema: type, raw: Any, where: str) -> Any:

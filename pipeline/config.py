@@ -180,6 +180,17 @@ class UpperBoundConfig:
 
 
 @dataclass
+class SeedsConfig:
+    """The ``seeds`` section: seed replicas of every trained model (the primary run is replica 0).
+
+    Replica K (K > 0) trains every teacher, student, rebalanced model and the upper bound again with its seed + K,
+    under ``data/seeds/K/``; the report gives mean ± std over the primary run and the replicas.
+    """
+
+    replicas: list[int] = field(default_factory=list)
+
+
+@dataclass
 class EvaluateConfig:
     ensembles: dict[str, list[str]] = field(default_factory=dict)
     plots_top: int = 8
@@ -193,6 +204,7 @@ SCHEMAS: dict[str, type] = {
     "rebalance": RebalanceConfig,
     "memory": MemoryConfig,
     "upper_bound": UpperBoundConfig,
+    "seeds": SeedsConfig,
     "evaluate": EvaluateConfig,
 }
 

@@ -13,6 +13,7 @@ from pathlib import Path
 DATA = Path("data")
 DATASET_DIR = DATA / "dataset"
 CHECKPOINTS = Path("checkpoints")
+SEEDS = "seeds"  # seed replica k > 0 lives under data/seeds/<k>/ and checkpoints/seeds/<k>/
 
 # Errors a user can fix from the message alone: printed as one line, exit code 2, no traceback. ValueError covers
 # ConfigError and SourceError; FloatingPointError the Trainer's NonFiniteLossError (a NaN/Inf loss); UnpicklingError
@@ -48,18 +49,47 @@ def run(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentPar
         sys.exit(2)
 
 
-def name_parser(description: str) -> argparse.ArgumentParser:
+def name_parser(description: str, seed: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--name", required=True, help="the entry's key in its params.yaml section")
+    if seed:
+        add_seed_argument(parser)
     return parser
 
 
-def build_context():
+def add_seed_argument(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--seed", type=int, default=0, metavar="K",
+                        help="seed replica: 0 (default) is the primary run under data/; K > 0 (an entry of "
+                             "seeds.replicas) trains every model with its seed + K under data/seeds/K/")
+    return parser
+
+
+def data_root(seed: int = 0) -> Path:
+    """Where the stage outputs of seed replica ``seed`` live: ``data`` for the primary run, else ``data/seeds/<k>``."""
+    if seed < 0:
+        raise ValueError(f"--seed {seed}: a seed replica is 0 (the primary run) or an entry of seeds.replicas (> 0)")
+    return DATA if seed == 0 else DATA / SEEDS / str(seed)
+
+
+def checkpoint_root(seed: int = 0) -> Path:
+    return CHECKPOINTS if seed == 0 else CHECKPOINTS / SEEDS / str(seed)
+
+
+def seed_tags(seed: int) -> dict[str, str]:
+    """MLflow tags of a replica's runs: the replica and the run name suffix that tells the runs apart."""
+    return {"seed_replica": str(seed)}
+
+
+def run_name(name: str, seed: int) -> str:
+    return name if seed == 0 else f"{name}-seed{seed}"
+
+
+def build_context(seed: int = 0):
     from pipeline.build import BuildContext, load_section
 
     if not (DATASET_DIR / "manifest.json").is_file():
         raise FileNotFoundError(f"{DATASET_DIR}/manifest.json not found: run the dataset stage first")
-    return BuildContext(dataset_dir=DATASET_DIR, data_root=DATA, dataset=load_section("dataset"))
+    return BuildContext(dataset_dir=DATASET_DIR, data_root=data_root(seed), dataset=load_section("dataset"))
 
 
 def train_stage(section: str, kind: str, args: argparse.Namespace) -> None:
@@ -69,10 +99,24 @@ def train_stage(section: str, kind: str, args: argparse.Namespace) -> None:
     from pipeline.tracking import create_tracker
     from pipeline.train.run import train_and_export
 
-    cfg = load_section(section, args.name)
-    ctx = build_context()
+    seed = args.seed
+    cfg = offset_seed(load_section(section, args.name), seed)
+    ctx = build_context(seed)
     stop = int(os.environ["LONGTAIL_STOP_AFTER_EPOCHS"]) if os.environ.get("LONGTAIL_STOP_AFTER_EPOCHS") else None
-    tags = {"model": args.name, "method": cfg.method, "dataset": ctx.dataset.name}
-    with create_tracker(f"{kind}@{args.name}", f"{kind}-{args.name}", tags) as tracker:
+    tags = {"model": args.name, "method": cfg.method, "dataset": ctx.dataset.name, **seed_tags(seed)}
+    stage = f"{kind}@{args.name}" if seed == 0 else f"{kind}_seed@{args.name}-{seed}"
+    with create_tracker(stage, run_name(f"{kind}-{args.name}", seed), tags) as tracker:
         tracker.log_params(as_dict(cfg))
-        train_and_export(cfg, ctx, DATA / section / args.name, CHECKPOINTS / section / args.name, tracker, stop)
+        train_and_export(cfg, ctx, ctx.data_root / section / args.name, checkpoint_root(seed) / section / args.name,
+                         tracker, stop)
+
+
+def offset_seed(cfg, seed: int):
+    """``cfg`` with its training seed moved by the replica offset ``seed`` (a TrainConfig, or one holding ``train``)."""
+    import dataclasses
+
+    if seed == 0:
+        return cfg
+    if hasattr(cfg, "train"):
+        return dataclasses.replace(cfg, train=offset_seed(cfg.train, seed))
+    return dataclasses.replace(cfg, seed=cfg.seed + seed)

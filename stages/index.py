@@ -8,7 +8,7 @@ Encodes the dataset's train split (test transform) with the configured frozen en
 
 from __future__ import annotations
 
-from stages._cli import DATA, DATASET_DIR, name_parser, run
+from stages._cli import DATASET_DIR, data_root, name_parser, run, run_name, seed_tags
 
 
 def load_config(name: str, train_size: int):
@@ -46,7 +46,8 @@ def main(args) -> None:
     manifest = load_manifest(str(DATASET_DIR))
     cfg = load_config(args.name, manifest["split_sizes"]["train"])
     encoder = cfg.encoder
-    model_dir = DATA / "teachers" / encoder.model if encoder.type == "teacher" else None
+    root = data_root(args.seed)
+    model_dir = root / "teachers" / encoder.model if encoder.type == "teacher" else None
     splits = split_features(
         DATASET_DIR,
         encoder.type,
@@ -71,17 +72,19 @@ def main(args) -> None:
     stats["encoder"] = vars(cfg.encoder)
     heads = ["knn", "nn"]
     metrics = {"heads": heads, **{s: {h: stats["splits"][s][h] for h in heads} for s in ("test", "val") if s in splits}}
-    with atomic_dir(DATA / "index" / args.name) as tmp:
+    with atomic_dir(root / "index" / args.name) as tmp:
         memory.save(tmp, atomic=False)
         np.savez(tmp / "predictions.npz", **predictions)
         write_json(tmp / "stats.json", stats)
         write_json(tmp / "metrics.json", metrics)
-    tags = {"model": args.name, "encoder": f"{encoder.type}:{encoder.model}", "dataset": manifest["source"]}
-    with create_tracker(f"index@{args.name}", f"index-{args.name}", tags) as tracker:
+    tags = {"model": args.name, "encoder": f"{encoder.type}:{encoder.model}", "dataset": manifest["source"],
+            **seed_tags(args.seed)}
+    stage = f"index@{args.name}" if args.seed == 0 else f"index_seed@{args.name}-{args.seed}"
+    with create_tracker(stage, run_name(f"index-{args.name}", args.seed), tags) as tracker:
         tracker.log_params(as_dict(cfg))
         tracker.log_metrics({f"test/{h}/{g}": v for h in heads for g, v in metrics.get("test", {}).get(h, {}).items()
                              if v == v} | {"build_time_s": stats["build_time_s"]})
-        tracker.log_artifact(str(DATA / "index" / args.name / "stats.json"))
+        tracker.log_artifact(str(root / "index" / args.name / "stats.json"))
 
 
 if __name__ == "__main__":

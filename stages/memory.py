@@ -1,6 +1,6 @@
 """DVC stage ``memory@<name>``: score a trained RAC student against the changed memory ``memory.<name>``."""
 
-from stages._cli import DATA, build_context, name_parser, run
+from stages._cli import build_context, name_parser, run, run_name, seed_tags
 
 
 def main(args) -> None:
@@ -11,11 +11,13 @@ def main(args) -> None:
 
     cfg = load_section("memory", args.name)
     student = load_section("students", cfg.model)
-    ctx = build_context()
-    tags = {"model": args.name, "source_model": f"students/{cfg.model}", "dataset": ctx.dataset.name}
-    with create_tracker(f"memory@{args.name}", f"memory-{args.name}", tags) as tracker:
+    ctx = build_context(args.seed)
+    tags = {"model": args.name, "source_model": f"students/{cfg.model}", "dataset": ctx.dataset.name,
+            **seed_tags(args.seed)}
+    stage = f"memory@{args.name}" if args.seed == 0 else f"memory_seed@{args.name}-{args.seed}"
+    with create_tracker(stage, run_name(f"memory-{args.name}", args.seed), tags) as tracker:
         tracker.log_params(as_dict(cfg))
-        summary = score_memory(cfg, student, ctx, DATA / "memory" / args.name)
+        summary = score_memory(cfg, student, ctx, ctx.data_root / "memory" / args.name)
         tracker.log_metrics({f"test/{h}/{k}": v for h, acc in summary["test"].items() for k, v in acc.items()
                              if v == v} | {"memory_size": summary["memory_size"]})
 

@@ -1,6 +1,6 @@
 """DVC stage ``rebalance@<model>-<method>``: cRT, LWS, NCM or τ-normalisation of a trained model."""
 
-from stages._cli import CHECKPOINTS, DATA, build_context, name_parser, run
+from stages._cli import build_context, checkpoint_root, name_parser, offset_seed, run, run_name, seed_tags
 
 
 def main(args) -> None:
@@ -9,18 +9,21 @@ def main(args) -> None:
     from pipeline.rebalance import rebalance
     from pipeline.tracking import create_tracker
 
-    cfg = load_section("rebalance", args.name)
-    ctx = build_context()
+    cfg = offset_seed(load_section("rebalance", args.name), args.seed)
+    ctx = build_context(args.seed)
     model_dir(ctx, cfg.model)  # fail on an unknown model before anything is written
-    checkpoints = CHECKPOINTS / "rebalance" / args.name  # created by rebalance() once the source model loads
-    tags = {"model": args.name, "method": cfg.method, "source_model": cfg.model, "dataset": ctx.dataset.name}
-    with create_tracker(f"rebalance@{args.name}", f"rebalance-{args.name}", tags) as tracker:
+    checkpoints = checkpoint_root(args.seed) / "rebalance" / args.name  # created by rebalance() once the model loads
+    out = ctx.data_root / "rebalance" / args.name
+    tags = {"model": args.name, "method": cfg.method, "source_model": cfg.model, "dataset": ctx.dataset.name,
+            **seed_tags(args.seed)}
+    stage = f"rebalance@{args.name}" if args.seed == 0 else f"rebalance_seed@{args.name}-{args.seed}"
+    with create_tracker(stage, run_name(f"rebalance-{args.name}", args.seed), tags) as tracker:
         tracker.log_params(as_dict(cfg))
-        summary = rebalance(cfg, ctx, DATA / "rebalance" / args.name, checkpoints, tracker)
+        summary = rebalance(cfg, ctx, out, checkpoints, tracker)
         tracker.log_metrics({f"test/{k}": v for k, v in summary["test"]["main"].items() if v == v})
         if "tau" in summary:
             tracker.log_params({"chosen_tau": summary["tau"]})
-        sweep = DATA / "rebalance" / args.name / "tau_sweep.png"
+        sweep = out / "tau_sweep.png"
         if sweep.is_file():
             tracker.log_artifact(str(sweep), "plots")
 

@@ -2,7 +2,16 @@
 
 import argparse
 
-from stages._cli import CHECKPOINTS, DATA, DATASET_DIR, run
+from stages._cli import (
+    DATASET_DIR,
+    add_seed_argument,
+    checkpoint_root,
+    data_root,
+    offset_seed,
+    run,
+    run_name,
+    seed_tags,
+)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -12,16 +21,18 @@ def main(args: argparse.Namespace) -> None:
     from pipeline.upper_bound import train_upper_bound
 
     cfg = load_section("upper_bound")
-    recipe = load_section("teachers", cfg.recipe)
+    recipe = offset_seed(load_section("teachers", cfg.recipe), args.seed)
     dataset = load_section("dataset")
     if not (DATASET_DIR / "manifest.json").is_file():
         raise FileNotFoundError(f"{DATASET_DIR}/manifest.json not found: run the dataset stage first")
-    tags = {"model": f"upper_bound/{cfg.recipe}", "method": recipe.method, "dataset": f"{dataset.name}-balanced"}
-    with create_tracker("upper_bound", f"upper_bound-{cfg.recipe}", tags) as tracker:
+    tags = {"model": f"upper_bound/{cfg.recipe}", "method": recipe.method, "dataset": f"{dataset.name}-balanced",
+            **seed_tags(args.seed)}
+    stage = "upper_bound" if args.seed == 0 else f"upper_bound_seed@{args.seed}"
+    with create_tracker(stage, run_name(f"upper_bound-{cfg.recipe}", args.seed), tags) as tracker:
         tracker.log_params(as_dict(recipe))
-        train_upper_bound(dataset, cfg.recipe, recipe, DATASET_DIR, DATA / "upper_bound", CHECKPOINTS / "upper_bound",
-                          tracker)
+        train_upper_bound(dataset, cfg.recipe, recipe, DATASET_DIR, data_root(args.seed) / "upper_bound",
+                          checkpoint_root(args.seed) / "upper_bound", tracker)
 
 
 if __name__ == "__main__":
-    run(main, argparse.ArgumentParser(description=__doc__))
+    run(main, add_seed_argument(argparse.ArgumentParser(description=__doc__)))

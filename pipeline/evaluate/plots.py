@@ -106,6 +106,50 @@ def plot_split_bars(table: Mapping[str, Mapping[str, float]], path: str | os.Pat
     return _save(fig, path)
 
 
+def plot_seed_errorbars(seeds: Mapping[str, Mapping], path: str | os.PathLike, baseline: str | None = None,
+                        marks: Mapping[str, Mapping[str, Mapping]] | None = None) -> Path:
+    """Mean accuracy ± std over seeds per model, one panel per shot group, with each seed's value as a dot.
+
+    Args:
+        seeds: model → ``{"n", <group>: {"mean", "std", "values"}}`` (``pipeline.evaluate.report.seed_statistics``).
+        path: output PNG.
+        baseline: a model drawn as a dashed line with its ±2 SE band in every panel (the CE teacher).
+        marks: model → group → ``{"significant"}``: significant differences to the baseline are drawn in red.
+
+    Returns:
+        The written path.
+    """
+    models = list(seeds)
+    y = np.arange(len(models))[::-1]
+    fig, axes = plt.subplots(1, len(GROUPS), figsize=(3.2 * len(GROUPS), 0.32 * len(models) + 1.5), sharey=True)
+    for ax, g in zip(np.atleast_1d(axes), GROUPS, strict=True):
+        for yi, m in zip(y, models, strict=True):
+            stats = seeds[m][g]
+            if not np.isfinite(stats["mean"]):
+                continue
+            significant = bool(((marks or {}).get(m, {}).get(g) or {}).get("significant"))
+            colour = "tab:red" if significant else "tab:blue"
+            std = stats["std"] if np.isfinite(stats["std"]) else 0.0
+            ax.errorbar(100 * stats["mean"], yi, xerr=100 * std, fmt="o", color=colour, capsize=3, markersize=4)
+            values = np.asarray(stats["values"], dtype=np.float64)
+            ax.scatter(100 * values, np.full(values.shape, yi), s=6, color="grey", alpha=0.6, zorder=3)
+        if baseline in seeds and np.isfinite(seeds[baseline][g]["mean"]):
+            b, n_base = seeds[baseline][g], seeds[baseline]["n"]
+            ax.axvline(100 * b["mean"], color="black", linestyle="--", linewidth=0.8)
+            if n_base > 1 and np.isfinite(b["std"]):
+                half = 100 * 2 * b["std"] / np.sqrt(n_base)
+                ax.axvspan(100 * b["mean"] - half, 100 * b["mean"] + half, color="grey", alpha=0.15)
+        ax.set_title(g)
+        ax.set_xlabel("top-1 accuracy (%)")
+        ax.grid(axis="x", alpha=0.3)
+    first = np.atleast_1d(axes)[0]
+    first.set_yticks(y, models, fontsize="small")
+    n = max((seeds[m]["n"] for m in models), default=1)
+    fig.suptitle(f"mean ± std over {n} seed(s); dashed: {baseline} (band ±2 SE); red: beyond 2 SE of it",
+                 fontsize="medium")
+    return _save(fig, path)
+
+
 def plot_tau_sweep(sweep: Sequence[Mapping], path: str | os.PathLike, split: str = "val") -> Path:
     """Accuracy per shot group against τ for one split of a ``tau_sweep`` result.
 

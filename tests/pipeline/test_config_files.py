@@ -89,6 +89,35 @@ def test_every_stage_depends_on_its_script_and_declares_only_its_params() -> Non
             assert not any(p.startswith(f"{section}.") and p != f"{section}.{key}" for p in stage["params"])
 
 
+def test_seed_replicas_are_matrix_stages_of_their_own(copy_repo, tmp_path: Path) -> None:
+    """With seeds=three every trained entry gets replicas 1 and 2: their own stage, `--seed K`, outputs under
+    data/seeds/K, only their own entry's params (changing one model reruns only its replicas), and the evaluate stage
+    reads them through data/seeds. The default composition has none."""
+    from dvc.repo import Repo
+
+    params = compose(ROOT / "conf", ["seeds=three"])
+    repo = copy_repo(tmp_path, params)
+    with Repo(str(repo)) as dvc_repo:
+        stages = {s.name: s for s in dvc_repo.index.stages}
+    names = {"teacher": params["teachers"], "index": params["index"], "student": params["students"],
+             "rebalance": params["rebalance"], "memory": params["memory"]}
+    section = {"teacher": "teachers", "index": "index", "student": "students", "rebalance": "rebalance",
+               "memory": "memory"}
+    replicas = {n for n in stages if "_seed@" in n}
+    expected = {f"{kind}_seed@{name}-{k}" for kind, entries in names.items() for name in entries for k in (1, 2)}
+    assert replicas == expected | {"upper_bound_seed@1", "upper_bound_seed@2"}
+    for name in expected:
+        stage = stages[name]
+        kind, key = name.split("_seed@")
+        entry, k = key.rsplit("-", 1)
+        assert stage.cmd.endswith(f"--name {entry} --seed {k}")
+        assert all(o.def_path.startswith((f"data/seeds/{k}/", f"checkpoints/seeds/{k}/")) for o in stage.outs)
+        declared = [p for d in stage.deps if hasattr(d, "params") for p in (d.params or [])]
+        assert f"{section[kind]}.{entry}" in declared and not any(p.startswith("seeds") for p in declared)
+    assert "data/seeds" in [d.def_path for d in stages["evaluate"].deps]
+    assert not any("_seed@" in n for n in _stages())  # the committed params: one seed
+
+
 @pytest.mark.parametrize("n", [10, 100])
 def test_paper_profile_composes_into_a_consistent_pipeline(n: int, tmp_path: Path) -> None:
     """teachers=paper_cifarN with students=paper and evaluate=paper: every name a student, a rebalance entry, an

@@ -346,21 +346,24 @@ def test_write_outputs_logs_model_dataset_and_final_metrics(store, make_train_co
 
 def test_evaluate_tables_cover_every_model_head_and_seed_group():
     """The evaluate run's MLflow tables: one row per model and head with each shot group (and its gap closed), and
-    the seed-aggregated table only when the report has seeds."""
+    the seed-aggregated table (mean, std, beyond 2 SE of CE) only when some model has several seeds."""
     from stages.evaluate import _comparison_tables
 
+    groups = ("all", "many", "medium", "few")
     acc = {"all": 0.5, "many": 0.9, "medium": 0.4, "few": float("nan")}
-    report = {"models": {"teachers/ce_s0": acc, "teachers/ce_s1": acc, "students/rac:fused": acc},
+    report = {"models": {"teachers/ce": acc, "students/rac:fused": acc},
               "gap_closed": {"models": {"students/rac:fused": {"all": 0.1, "many": None, "medium": 0.2, "few": 0.3}}},
-              "seeds": {}}
+              "seeds": {k: {"n": 1, **{g: {"mean": acc[g], "std": float("nan")} for g in groups}}
+                        for k in ("teachers/ce", "students/rac:fused")}}
     tables = _comparison_tables(report)
     assert list(tables) == ["comparison"]
     comparison = tables["comparison"]
-    assert comparison["model"] == ["teachers/ce_s0", "teachers/ce_s1", "students/rac"]
-    assert comparison["head"] == ["main", "main", "fused"]
-    assert comparison["gap_closed_all"] == [None, None, 0.1] and comparison["many"] == [0.9] * 3
-    report["seeds"] = {"teachers/ce": {g: {"mean": 0.5, "std": 0.01} for g in ("all", "many", "medium", "few")}
-                       | {"runs": ["teachers/ce_s0", "teachers/ce_s1"]}}
+    assert comparison["model"] == ["teachers/ce", "students/rac"]
+    assert comparison["head"] == ["main", "fused"]
+    assert comparison["gap_closed_all"] == [None, 0.1] and comparison["many"] == [0.9] * 2
+    report["seeds"] = {k: {"n": 3, **{g: {"mean": 0.5, "std": 0.01} for g in groups}} for k in report["models"]}
+    report["vs_baseline"] = {"students/rac:fused": {g: {"significant": g == "all"} for g in groups}}
     seeds = _comparison_tables(report)["seeds"]
-    assert seeds["model"] == ["teachers/ce"] and seeds["seeds"] == [2]
-    assert seeds["all_mean"] == [0.5] and seeds["few_std"] == [0.01]
+    assert seeds["model"] == ["teachers/ce", "students/rac:fused"] and seeds["seeds"] == [3, 3]
+    assert seeds["all_mean"] == [0.5, 0.5] and seeds["few_std"] == [0.01, 0.01]
+    assert seeds["all_beyond_2se"] == [None, True] and seeds["many_beyond_2se"] == [None, False]

@@ -7,6 +7,7 @@ Everything else in ``pipeline/`` takes explicit arguments and never sees a confi
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,8 @@ from pipeline.models.network import Network, load_network
 from pipeline.optim.sam import SAM
 from pipeline.optim.schedules import LR_SCHEDULES, RHO_SCHEDULES, create_lr_schedule, create_rho_schedule
 from pipeline.registry import Registry
+from pipeline.train import distributed
+from pipeline.train.distributed import local_batch_size
 from pipeline.train.method import Method
 from pipeline.train.updaters import UPDATERS
 
@@ -115,6 +118,14 @@ def _validate_train(cfg: TrainConfig, where: str) -> None:
     for key in ("epochs", "batch_size"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{where}.{key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.nproc < 1:
+        raise ConfigError(f"{where}.nproc must be >= 1 (1: one process; N: torchrun with N ranks), got {cfg.nproc}")
+    if cfg.batch_size % cfg.nproc:
+        raise ConfigError(f"{where}.batch_size {cfg.batch_size} is not divisible by nproc {cfg.nproc}: each rank "
+                          "loads batch_size / nproc samples per update")
+    if cfg.checkpoint_every is not None and cfg.checkpoint_every < 0:
+        raise ConfigError(f"{where}.checkpoint_every must be null or 0 (once per epoch) or a number of updates >= 1, "
+                          f"got {cfg.checkpoint_every}")
 
 
 def validate_names(obj: Any, where: str) -> None:
@@ -246,7 +257,7 @@ def _build_paco(cfg: TrainConfig, ctx: BuildContext) -> Method:
         raise ConfigError(f"method paco needs two transforms (query, key), got {cfg.transforms}")
     if not cfg.drop_last:
         raise ConfigError("method paco needs drop_last: true (the queue size must be a multiple of the batch size)")
-    return PaCo(Network(_spec(cfg, ctx)), ctx.class_counts, batch_size=cfg.batch_size,
+    return PaCo(Network(_spec(cfg, ctx)), ctx.class_counts, batch_size=local_batch_size(cfg.batch_size),
                 **cfg.method_args)
 
 
@@ -436,9 +447,11 @@ def create_lr(cfg: TrainConfig) -> Callable[[int], float]:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """The training device; under torchrun on CUDA this rank's ``cuda:LOCAL_RANK``."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
+    if device.type == "cuda" and distributed.world_size() > 1:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
 
 
 # --- data -------------------------------------------------------------------------------------------------------
@@ -451,6 +464,8 @@ def create_train_loader(cfg: TrainConfig, ctx: BuildContext, device: torch.devic
                         input_spec: dict | None = None) -> DataLoader:
     """The training loader: one view per ``cfg.transforms`` entry, the configured sampler, seeded per epoch.
 
+    Under torchrun: this rank's shard of the sampler's epoch and ``batch_size / world_size`` per update.
+
     ``input_spec`` (a network's ``spec["input"]``) overrides ``cfg.input``: a rebalanced head sees its source
     network's preprocessing.
     """
@@ -460,7 +475,9 @@ def create_train_loader(cfg: TrainConfig, ctx: BuildContext, device: torch.devic
                   for t in cfg.transforms]
     sampler = create_sampler(cfg.sampler, labels=split.labels, seed=cfg.seed, num_epochs=cfg.epochs,
                              **cfg.sampler_args)
-    return DataLoader(ImageDataset(split, transforms), batch_size=cfg.batch_size, sampler=sampler,
+    # This rank's shard; augmentations a pure function of (seed, epoch, position): resumable, and the same on W ranks.
+    sampler.configure(rank=distributed.rank(), world_size=distributed.world_size(), sample_seeds=True)
+    return DataLoader(ImageDataset(split, transforms), batch_size=local_batch_size(cfg.batch_size), sampler=sampler,
                       num_workers=cfg.num_workers, collate_fn=collate, drop_last=cfg.drop_last,
                       pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0)
 

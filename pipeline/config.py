@@ -124,6 +124,9 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0
     device: str = "auto"
+    checkpoint_every: int | None = None  # also checkpoint every N updates inside an epoch; None/0: per epoch only
+    nproc: int = 1  # data-parallel processes: > 1 reruns the stage under torchrun (docs/distributed.md)
+    sync_bn: bool = False  # with nproc > 1: SyncBatchNorm for the trained BatchNorm layers (CUDA only)
 
 
 @dataclass

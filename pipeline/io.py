@@ -14,7 +14,9 @@ import; unset (always, outside tests) each point costs one comparison with None.
 * ``atomic_dir:swapped``: the previous output is moved aside, the new one not yet in place;
 * ``atomic_dir:done``: the new output is in place, the previous one not yet removed;
 * ``write_json:<file name>``: the temporary file is written, before its rename;
-* ``checkpoint:load``, ``checkpoint:tmp:<epoch>``, ``checkpoint:saved:<epoch>``: see ``pipeline.train.checkpoint``.
+* ``checkpoint:load``, ``checkpoint:tmp:<epoch>``, ``checkpoint:saved:<epoch>`` (and ``...:<epoch>.<batch>`` for a
+  checkpoint inside an epoch): see ``pipeline.train.checkpoint``;
+* ``train:update:<step>``: right after update number ``<step>`` (counted from 1), see ``pipeline.train.trainer``.
 """
 
 from __future__ import annotations

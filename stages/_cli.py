@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import pickle
@@ -97,18 +98,26 @@ def train_stage(section: str, kind: str, args: argparse.Namespace) -> None:
     from pipeline.build import load_section
     from pipeline.config import as_dict
     from pipeline.tracking import create_tracker
+    from pipeline.train import distributed
     from pipeline.train.run import train_and_export
 
     seed = args.seed
     cfg = offset_seed(load_section(section, args.name), seed)
+    distributed.relaunch(cfg.nproc)  # nproc > 1 and not under torchrun: exec this same command under torchrun
+    distributed.init(cfg.device)  # under torchrun: join the process group (rank 0 alone writes and logs)
     ctx = build_context(seed)
     stop = int(os.environ["LONGTAIL_STOP_AFTER_EPOCHS"]) if os.environ.get("LONGTAIL_STOP_AFTER_EPOCHS") else None
     tags = {"model": args.name, "method": cfg.method, "dataset": ctx.dataset.name, **seed_tags(seed)}
     stage = f"{kind}@{args.name}" if seed == 0 else f"{kind}_seed@{args.name}-{seed}"
-    with create_tracker(stage, run_name(f"{kind}-{args.name}", seed), tags) as tracker:
-        tracker.log_params(as_dict(cfg))
-        train_and_export(cfg, ctx, ctx.data_root / section / args.name, checkpoint_root(seed) / section / args.name,
-                         tracker, stop)
+    tracking = create_tracker(stage, run_name(f"{kind}-{args.name}", seed), tags) if distributed.is_main() else None
+    try:
+        with tracking or contextlib.nullcontext() as tracker:
+            if tracker is not None:
+                tracker.log_params(as_dict(cfg))
+            train_and_export(cfg, ctx, ctx.data_root / section / args.name,
+                             checkpoint_root(seed) / section / args.name, tracker, stop)
+    finally:
+        distributed.teardown()
 
 
 def offset_seed(cfg, seed: int):

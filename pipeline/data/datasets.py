@@ -20,13 +20,15 @@ joined across runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -331,6 +333,11 @@ class ImageDataset(Dataset):
     ``index`` is the position in the split (as classifier-balancing's ``LT_Dataset`` returns it). In-memory uint8
     images are passed to the transforms as HWC arrays; on-disk images are opened lazily with PIL as RGB.
 
+    A key may also be ``(index, seed)`` (a training sampler's per-sample seeds, ``pipeline.data.samplers``): the
+    transforms then draw from torch, Python and numpy RNGs seeded with ``seed``, and the caller's RNG states are
+    restored afterwards, so the augmentation of a sample depends on its seed only (not on the DataLoader worker,
+    nor on what the process drew before).
+
     Args:
         split: the split.
         transforms: one callable per view (e.g. ``[query, key]`` for PaCo; ``[test]`` for evaluation).
@@ -364,10 +371,30 @@ class ImageDataset(Dataset):
             raise ValueError(f"cannot read image {path} ({reason}); replace it or remove its line from the split "
                              "file") from None
 
-    def __getitem__(self, index: int) -> tuple[tuple[torch.Tensor, ...], int, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[tuple[torch.Tensor, ...], int, int]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
         img = self.load(index)
-        views = tuple(t(img) for t in self.transforms)
+        with _seeded(seed):
+            views = tuple(t(img) for t in self.transforms)
         return views, int(self.split.labels[index]), int(index)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    """Seed torch, Python and numpy from ``seed`` inside the block and restore the caller's states after it."""
+    if seed is None:
+        yield
+        return
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
 
 
 def collate(batch: list[tuple[tuple[torch.Tensor, ...], int, int]]) -> dict[str, torch.Tensor | list[torch.Tensor]]:

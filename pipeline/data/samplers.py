@@ -10,8 +10,23 @@ References:
     * Repeated augmentation (Hoffer et al. 2020; DeiT / DeiT-LT ``samplers.RASampler``, §6.3).
 
 Every sampler's order is a pure function of ``(seed, epoch)``: :meth:`set_epoch` selects the epoch, and iterating
-twice over the same epoch gives the same indices. The Trainer resumes at epoch boundaries, so a resumed run sees
-exactly the sequence an uninterrupted one would. Each epoch draws from ``np.random.default_rng([seed, epoch])``.
+twice over the same epoch gives the same indices. Each epoch draws from ``np.random.default_rng([seed, epoch])``.
+
+What a training DataLoader iterates (:meth:`EpochSampler.configure`, set by ``pipeline.build``):
+
+* sharding: with ``world_size`` W > 1, rank r takes positions ``r, r + W, r + 2W, ...`` of the epoch's global order,
+  padded (as ``torch.utils.data.DistributedSampler``) by repeating its first entries to a multiple of W, so every
+  rank has the same number of samples and the ranks' j-th batches of B together are the single-process j-th batch
+  of W·B;
+* a start position (:meth:`skip`): a run resumed inside an epoch iterates only the samples not yet trained on,
+  without loading the skipped ones; ``set_epoch`` resets it to 0;
+* per-sample augmentation seeds (``sample_seeds=True``): each entry is ``(index, seed)`` with ``seed`` drawn for the
+  entry's position in the global epoch order from ``default_rng([seed, epoch, 1])``;
+  ``pipeline.data.datasets.ImageDataset`` seeds the augmentation of that sample with it. Augmentations are then a
+  pure function of (seed, epoch, position): the same with 0 or 2 DataLoader workers, on any number of ranks, and
+  after a resume inside an epoch.
+
+With the defaults (one rank, start 0, no seeds) iteration yields the epoch's indices as ints.
 """
 
 from __future__ import annotations
@@ -49,10 +64,25 @@ class EpochSampler(Sampler[int]):
         self.epoch = 0
         self.counts = np.bincount(self.labels)  # (C,) samples per class; a class may have 0
         self._cache: tuple[int, np.ndarray] | None = None
+        self.rank, self.world_size, self.sample_seeds, self.start = 0, 1, False, 0
+
+    def configure(self, *, rank: int = 0, world_size: int = 1, sample_seeds: bool = False) -> EpochSampler:
+        """Set what iteration yields: rank ``rank``'s shard of ``world_size`` and, optionally, per-sample seeds."""
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"sampler rank {rank} of world_size {world_size}; valid: 0 <= rank < world_size")
+        self.rank, self.world_size, self.sample_seeds = int(rank), int(world_size), bool(sample_seeds)
+        return self
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order the next iteration yields."""
+        """Select the epoch whose order the next iteration yields (from its first sample)."""
         self.epoch = int(epoch)
+        self.start = 0
+
+    def skip(self, n: int) -> None:
+        """Start the current epoch's iteration after the first ``n`` samples of this rank's shard."""
+        if not 0 <= n <= self.shard_length():
+            raise ValueError(f"sampler skip {n}: valid 0..{self.shard_length()} (this rank's samples this epoch)")
+        self.start = int(n)
 
     def _rng(self) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.epoch])
@@ -66,19 +96,39 @@ class EpochSampler(Sampler[int]):
             self._cache = (self.epoch, self.indices())
         return self._cache[1]
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._epoch_indices().tolist())
+    def shard_length(self) -> int:
+        """Samples of this rank's shard in the current epoch: ``ceil(L / world_size)``."""
+        return -(-len(self._epoch_indices()) // self.world_size)
+
+    def shard(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """This rank's (indices, per-sample seeds or None) of the current epoch, from the start position."""
+        idx = self._epoch_indices()
+        total = self.shard_length() * self.world_size
+        positions = np.arange(total) % max(len(idx), 1)  # DistributedSampler padding: wrap to the first entries
+        mine = positions[self.rank::self.world_size][self.start:]  # (shard_length - start,) global positions
+        seeds = None
+        if self.sample_seeds:
+            all_seeds = np.random.default_rng([self.seed, self.epoch, 1]).integers(0, 2**62, size=total)
+            seeds = all_seeds[np.arange(total)[self.rank::self.world_size][self.start:]]
+        return idx[mine], seeds
+
+    def __iter__(self) -> Iterator[int] | Iterator[tuple[int, int]]:
+        idx, seeds = self.shard()
+        if seeds is None:
+            return iter(idx.tolist())
+        return zip(idx.tolist(), seeds.tolist(), strict=True)
 
     def __len__(self) -> int:
-        return len(self._epoch_indices())
+        return self.shard_length() - self.start
 
     def state_dict(self) -> dict:
         """What the order depends on (for checkpoints)."""
-        return {"seed": self.seed, "epoch": self.epoch}
+        return {"seed": self.seed, "epoch": self.epoch, "start": self.start}
 
     def load_state_dict(self, state: dict) -> None:
         self.seed = int(state["seed"])
         self.set_epoch(state["epoch"])
+        self.skip(int(state.get("start", 0)))
 
 
 @SAMPLERS.register("instance")

@@ -8,7 +8,9 @@ A checkpoint that cannot be read (truncated, foreign, or holding pickled objects
 ignored with a warning and training starts over. Test hook (``LONGTAIL_TEST_KILL_AT``, see ``pipeline.io``): the
 points ``checkpoint:load`` (before the checkpoint is read: nothing trained yet), ``checkpoint:tmp:<epoch>`` (the
 checkpoint after ``<epoch>`` epochs is written to its temporary file, not yet renamed) and
-``checkpoint:saved:<epoch>`` (right after the rename).
+``checkpoint:saved:<epoch>`` (right after the rename). A checkpoint inside an epoch (the Trainer's
+``checkpoint_every``), after ``<epoch>`` epochs and ``<batch>`` batches of the next, names its points
+``checkpoint:tmp:<epoch>.<batch>`` and ``checkpoint:saved:<epoch>.<batch>``.
 """
 
 from __future__ import annotations
@@ -91,14 +93,15 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    where = f"{state.get('epoch')}.{state['batch']}" if state.get("batch") else state.get("epoch")
     try:
         torch.save(state, tmp)
-        kill_point("checkpoint:tmp", state.get("epoch"))
+        kill_point("checkpoint:tmp", where)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    kill_point("checkpoint:saved", state.get("epoch"))
+    kill_point("checkpoint:saved", where)
 
 
 def _reason(exc: BaseException) -> str:

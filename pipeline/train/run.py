@@ -31,6 +31,7 @@ from pipeline.evaluate.metrics import shot_accuracy
 from pipeline.evaluate.predict import dump_model_outputs, run_over
 from pipeline.io import atomic_dir, write_json
 from pipeline.models.network import save_network
+from pipeline.train import distributed
 from pipeline.train.checkpoint import code_fingerprint, config_hash, state_digest
 from pipeline.train.method import Method
 from pipeline.train.trainer import Trainer, TrainerConfig, seed_everything
@@ -54,11 +55,21 @@ def make_val_fn(ctx: BuildContext, device: torch.device, input_spec: dict | None
     return val_fn
 
 
+# Settings that change when a checkpoint is written, not what is trained: a run resumes across a change of them.
+_NOT_HASHED = ("checkpoint_every",)
+
+
+def _hashed(cfg: TrainConfig) -> dict:
+    """The part of ``cfg`` that identifies a checkpoint (everything but ``_NOT_HASHED``)."""
+    return {k: v for k, v in asdict(cfg).items() if k not in _NOT_HASHED}
+
+
 def fit_method(method: Method, cfg: TrainConfig, ctx: BuildContext, checkpoint_dir: Path, tracker: Any,
                stop_after_epochs: int | None = None, extra_hash: Any = None) -> tuple[Trainer, torch.device]:
     """Train ``method`` as ``cfg`` says, resuming from ``checkpoint_dir/checkpoint.pt`` when it matches.
 
     Images are prepared as the exported network's ``spec["input"]`` says (its own, or its source network's).
+    ``cfg.checkpoint_every`` is left out of the config hash: changing only how often checkpoints are written resumes.
     """
     device = resolve_device(cfg.device)
     input_spec = method.export().spec.get("input")
@@ -67,9 +78,10 @@ def fit_method(method: Method, cfg: TrainConfig, ctx: BuildContext, checkpoint_d
         create_train_loader(cfg, ctx, device, input_spec=input_spec),
         TrainerConfig(epochs=cfg.epochs, lr_schedule=create_lr(cfg), seed=cfg.seed, amp=cfg.amp,
                       grad_clip=cfg.grad_clip, select=cfg.select, checkpoint_path=checkpoint_dir / "checkpoint.pt",
-                      config_hash=config_hash({"train": asdict(cfg), "extra": extra_hash, "code": code_fingerprint(),
+                      config_hash=config_hash({"train": _hashed(cfg), "extra": extra_hash, "code": code_fingerprint(),
                                                "dataset": ctx.manifest["train_counts"], "init": state_digest(method)}),
-                      stop_after_epochs=stop_after_epochs),
+                      stop_after_epochs=stop_after_epochs, checkpoint_every=cfg.checkpoint_every,
+                      sync_bn=cfg.sync_bn),
         device=device, tracker=tracker, val_fn=make_val_fn(ctx, device, input_spec) if cfg.select == "best_val" or
         ctx.manifest["split_sizes"].get("val") else None,
     )
@@ -139,11 +151,19 @@ def _input_example(loader: Any, max_values: int = 16_384) -> np.ndarray | None:
 
 def train_and_export(cfg: TrainConfig, ctx: BuildContext, out_dir: Path, checkpoint_dir: Path, tracker: Any = None,
                      stop_after_epochs: int | None = None) -> dict | None:
-    """Build the Method from ``cfg``, train it (resuming), and write the outputs; None if stopped early."""
-    seed_everything(cfg.seed)  # the initial weights depend on the seed only
+    """Build the Method from ``cfg``, train it (resuming), and write the outputs; None if stopped early.
+
+    Under torchrun (``pipeline.train.distributed``) every rank trains; rank 0 alone writes the outputs and logs to
+    the tracker (the others get None and wait at a barrier).
+    """
+    seed_everything(cfg.seed)  # the initial weights depend on the seed only (the same on every rank)
     method = create_method(cfg, ctx)
+    if not distributed.is_main():
+        tracker = None
     trainer, device = fit_method(method, cfg, ctx, checkpoint_dir, tracker, stop_after_epochs)
     if not trainer.finished:
         logger.info("stopped after %d of %d epochs (checkpoint kept)", len(trainer.history), cfg.epochs)
         return None
-    return write_outputs(method, trainer, ctx, out_dir, device, tracker)
+    summary = write_outputs(method, trainer, ctx, out_dir, device, tracker) if distributed.is_main() else None
+    distributed.barrier()  # the other ranks wait for rank 0's outputs
+    return summary

@@ -5,6 +5,20 @@ epoch from a pure schedule, ``updater.on_epoch_start`` (rho); per batch: ``prepa
 updater's step over the method's ``training_step`` (under autocast, with a NaN/Inf guard naming the loss component),
 ``on_after_update``. After each epoch: optional validation, metrics to the tracker, and an atomic checkpoint.
 Reseeding per epoch makes a run resumed at an epoch boundary bit-identical (on the CPU) to an uninterrupted one.
+
+Step-level resume (``checkpoint_every`` = N updates): every N-th update that does not end an epoch also writes the
+checkpoint, holding the position inside the epoch (batches done, step, the epoch's partial metric sums, the RNG
+states after that update, method and optimizer state). A resumed run selects the same epoch order
+(``sampler.set_epoch``), makes the sampler skip the batches already done (``sampler.skip``: they are not loaded; a
+loader without it has them loaded and dropped), restores the RNG states once the loader's iterator exists, and
+continues: it ends bit-identical (on the CPU) to an uninterrupted run, losing at most N - 1 updates. Augmentations
+stay identical across the cut because the training sampler gives each sample its own seed (``pipeline.data``).
+Test hook: ``train:update:<step>`` (``pipeline.io.kill_point``) after every update, ``<step>`` counting updates done.
+
+Under ``torchrun`` (``pipeline.train.distributed``, world size W > 1) the loss comes from the Method wrapped in
+DistributedDataParallel (gradients averaged over ranks, optionally SyncBatchNorm), the epoch's metric sums are summed
+over ranks (a checkpoint inside an epoch holds the global partial sums, resumed on rank 0), and only rank 0 writes
+checkpoints and logs metrics.
 """
 
 from __future__ import annotations
@@ -26,6 +40,8 @@ import torch
 from torch.optim import Optimizer
 from tqdm import tqdm
 
+from pipeline.io import kill_point
+from pipeline.train import distributed
 from pipeline.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from pipeline.train.method import Method, StepOutput
 
@@ -50,6 +66,9 @@ class TrainerConfig:
         checkpoint_path: where the resumable checkpoint lives; None disables checkpoints.
         config_hash: identifies the config a checkpoint belongs to.
         stop_after_epochs: stop after this many epochs in this call (for tests of interruption); None = run all.
+        checkpoint_every: also checkpoint every this many updates inside an epoch (step-level resume); None or 0 =
+            at the end of every epoch only. It does not change what is trained, so it is not part of the config hash.
+        sync_bn: under torchrun, synchronise the trained BatchNorm layers across ranks (CUDA only).
     """
 
     epochs: int
@@ -61,6 +80,8 @@ class TrainerConfig:
     checkpoint_path: str | Path | None = None
     config_hash: str = ""
     stop_after_epochs: int | None = None
+    checkpoint_every: int | None = None
+    sync_bn: bool = False
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -107,10 +128,17 @@ class Trainer:
             raise ValueError(f"trainer select {config.select!r}; valid: last, best_val")
         if config.select == "best_val" and val_fn is None:
             raise ValueError("select='best_val' needs a validation split (dataset.val_per_class > 0)")
+        if config.checkpoint_every is not None and config.checkpoint_every < 0:
+            raise ValueError(f"trainer checkpoint_every {config.checkpoint_every}; valid: None or 0 (every epoch), "
+                             "or a number of updates >= 1")
         self.history: list[dict[str, float]] = []
         self.best: dict[str, Any] | None = None
         self.start_epoch = 0
+        self.start_batch = 0  # batches of ``start_epoch`` already done (a resume inside an epoch)
         self.step = 0
+        self.start_step = 0  # the step this call started from (the resumed checkpoint's)
+        self._partial: dict[str, Any] | None = None  # partial sums and RNG states of the resumed epoch
+        self._ddp: torch.nn.Module | None = None  # the DDP-wrapped training step under torchrun
 
     def _amp_dtype(self, amp: str) -> torch.dtype | None:
         cuda = self.device.type == "cuda"
@@ -132,7 +160,11 @@ class Trainer:
     def _compute_loss(self, batch: dict, epoch: int) -> Callable[[], StepOutput]:
         def compute() -> StepOutput:
             with self._autocast():
-                out = self.method.training_step(batch)
+                if self._ddp is not None:
+                    loss, parts, logits = self._ddp(batch)
+                    out = StepOutput(loss=loss, parts=parts, logits=logits)
+                else:
+                    out = self.method.training_step(batch)
             for name, value in {"loss": out.loss, **out.parts}.items():
                 if not torch.isfinite(value.detach()).all():
                     bad = float(value.detach().float().reshape(-1)[~torch.isfinite(value.detach().reshape(-1))][0])
@@ -143,10 +175,12 @@ class Trainer:
         return compute
 
     # --- checkpoints -------------------------------------------------------------------------------------------
-    def _state(self, epochs_done: int) -> dict[str, Any]:
-        return {"epoch": epochs_done, "step": self.step, "method": self.method.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "history": self.history, "best": self.best,
-                "rng": rng_state(), "sampler": {"epoch": epochs_done}, "config_hash": self.cfg.config_hash}
+    def _state(self, epochs_done: int, batch: int = 0, partial: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The checkpoint after ``epochs_done`` epochs and ``batch`` batches of the next (0: an epoch boundary)."""
+        return {"epoch": epochs_done, "batch": batch, "partial": partial, "step": self.step,
+                "method": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "history": self.history, "best": self.best, "rng": rng_state(),
+                "sampler": {"epoch": epochs_done, "batch": batch}, "config_hash": self.cfg.config_hash}
 
     def _resume(self) -> None:
         if self.cfg.checkpoint_path is None:
@@ -165,10 +199,16 @@ class Trainer:
                            str(exc).splitlines()[0])
             return
         self.history, self.best, self.step = state["history"], state["best"], state["step"]
-        self.start_epoch = state["epoch"]
+        self.start_epoch, self.start_step = state["epoch"], state["step"]
+        self.start_batch = int(state.get("batch") or 0)
         set_rng_state(state["rng"])
-        logger.info("resuming from checkpoint %s after epoch %d of %d", self.cfg.checkpoint_path, self.start_epoch,
-                    self.cfg.epochs)
+        if self.start_batch:
+            self._partial = {**state["partial"], "rng": state["rng"]}
+            logger.info("resuming from checkpoint %s at batch %d of epoch %d of %d (step %d)",
+                        self.cfg.checkpoint_path, self.start_batch, self.start_epoch + 1, self.cfg.epochs, self.step)
+        else:
+            logger.info("resuming from checkpoint %s after epoch %d of %d", self.cfg.checkpoint_path,
+                        self.start_epoch, self.cfg.epochs)
 
     # --- the loop ----------------------------------------------------------------------------------------------
     def _set_lr(self, epoch: int) -> float:
@@ -177,18 +217,53 @@ class Trainer:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         return lr
 
-    def _train_epoch(self, epoch: int) -> dict[str, float]:
-        seed_everything(self.cfg.seed * 100003 + epoch)
+    def _epoch_iterator(self, epoch: int, skip: int) -> tuple[Any, int | None]:
+        """The loader's iterator over epoch ``epoch`` after its first ``skip`` batches, and the epoch's batch count."""
         sampler = getattr(self.loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
+        total = len(self.loader) if hasattr(self.loader, "__len__") else None
+        batch_size = getattr(self.loader, "batch_size", None)
+        in_sampler = bool(skip) and hasattr(sampler, "skip") and batch_size is not None
+        if in_sampler:  # the DataLoader never sees the skipped indices: nothing is loaded for them
+            sampler.skip(skip * batch_size)
+        it = iter(self.loader)
+        if skip and not in_sampler:  # a loader without a skipping sampler: load the done batches and drop them
+            for _ in range(skip):
+                next(it)
+        return it, total
+
+    def _checkpoint_due(self, done: int, total: int | None) -> bool:
+        every = self.cfg.checkpoint_every
+        return bool(every) and self.cfg.checkpoint_path is not None and self.step % every == 0 and done != total
+
+    def _global_sums(self, sums: dict[str, float], n_seen: int, correct: int) -> tuple[dict[str, float], int, int]:
+        """The epoch's metric sums over all ranks (themselves in one process)."""
+        if distributed.world_size() == 1:
+            return dict(sums), n_seen, correct
+        names = sorted(sums)
+        total = distributed.all_reduce_sum([n_seen, correct, *(sums[k] for k in names)], self.device)
+        return dict(zip(names, total[2:], strict=True)), int(total[0]), int(total[1])
+
+    def _train_epoch(self, epoch: int) -> dict[str, float]:
+        seed_everything(self.cfg.seed * 100003 + epoch)
+        partial, self._partial = (self._partial, None) if epoch == self.start_epoch else (None, None)
+        done = self.start_batch if partial is not None else 0
+        it, total = self._epoch_iterator(epoch, done)
+        # The iterator exists (it may have drawn DataLoader worker seeds): now fix the RNG stream of the updates.
+        if partial is not None:
+            set_rng_state(partial["rng"])  # the states right after the checkpointed update
+        else:
+            seed_everything(self.cfg.seed * 100003 + epoch)
         self.method.train()
         self.method.on_epoch_start(epoch)
         lr = self._set_lr(epoch)
         self.updater.on_epoch_start(epoch, self.optimizer)
-        sums: dict[str, float] = {}
-        n_seen = correct = 0
-        bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False,
+        own = partial is not None and distributed.is_main()  # the checkpoint's partial sums are global: rank 0's
+        sums: dict[str, float] = dict(partial["sums"]) if own else {}
+        n_seen = int(partial["n_seen"]) if own else 0
+        correct = int(partial["correct"]) if own else 0
+        bar = tqdm(it, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False, total=total, initial=done,
                    disable=not sys.stderr.isatty())
         for batch in bar:
             batch = _to_device(batch, self.device)
@@ -205,6 +280,14 @@ class Trainer:
             if out.logits is not None:
                 correct += int((out.logits.detach().argmax(1) == batch["labels"]).sum())
             bar.set_postfix(loss=f"{float(out.loss.detach()):.4f}")
+            done += 1
+            if self._checkpoint_due(done, total):
+                g_sums, g_seen, g_correct = self._global_sums(sums, n_seen, correct)
+                if distributed.is_main():
+                    save_checkpoint(self.cfg.checkpoint_path, self._state(
+                        epoch, done, {"sums": g_sums, "n_seen": g_seen, "correct": g_correct}))
+            kill_point("train:update", self.step)
+        sums, n_seen, correct = self._global_sums(sums, n_seen, correct)
         metrics = {f"train/{k}": v / max(n_seen, 1) for k, v in sums.items()}
         metrics["train/acc"] = correct / max(n_seen, 1)
         metrics["lr"] = lr
@@ -214,6 +297,8 @@ class Trainer:
         """Train (resuming if a matching checkpoint exists); leave the selected weights in ``method``."""
         self.method.to(self.device)
         self._resume()
+        if distributed.world_size() > 1:  # after the resume: every rank starts from the same weights
+            self._ddp = distributed.wrap(self.method, self.device, sync_bn=self.cfg.sync_bn)
         stop = self.cfg.epochs
         if self.cfg.stop_after_epochs is not None:
             stop = min(stop, self.start_epoch + self.cfg.stop_after_epochs)
@@ -228,11 +313,11 @@ class Trainer:
             if self.cfg.select == "best_val" and (self.best is None or metrics["val/acc"] > self.best["acc"]):
                 self.best = {"acc": metrics["val/acc"], "epoch": epoch,
                              "method": {k: v.detach().clone() for k, v in self.method.state_dict().items()}}
-            if self.tracker is not None:
+            if self.tracker is not None and distributed.is_main():
                 self.tracker.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=epoch)
             logger.info("epoch %d/%d %s", epoch + 1, self.cfg.epochs,
                         " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
-            if self.cfg.checkpoint_path is not None:
+            if self.cfg.checkpoint_path is not None and distributed.is_main():
                 save_checkpoint(self.cfg.checkpoint_path, self._state(epoch + 1))
         if stop == self.cfg.epochs and self.best is not None:
             logger.info("selected epoch %d by validation accuracy %.4f", self.best["epoch"] + 1, self.best["acc"])

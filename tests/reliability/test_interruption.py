@@ -44,7 +44,8 @@ TINY_PARAMS = {
                         "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
                         "lr_schedule": "cosine", "sampler": "instance", "transforms": ["standard"], "amp": "off",
                         "device": "cpu", "num_workers": 0, "seed": 0}},
-    "students": {}, "index": {}, "rebalance": {}, "memory": {}, "upper_bound": {"recipe": "ce"}, "evaluate": {},
+    "students": {}, "index": {}, "rebalance": {}, "memory": {}, "upper_bound": {"recipe": "ce"},
+    "seeds": {"replicas": []}, "evaluate": {},
 }
 
 

@@ -25,8 +25,12 @@ last update; the key encoder is not used at inference, so it changes nothing tha
 
 Departures from the official code (all without effect on the trained query network):
 
-* single device: no DDP batch-shuffle of the key images (MoCo's guard against BN statistics leaking across the
-  query/key pair) and no all-gather before the enqueue (the official code only supports DDP, issue #27);
+* under torchrun (``pipeline.train.distributed``) the key images are shuffled across ranks before the key encoder
+  and the keys unshuffled after it (MoCo's ``_batch_shuffle_ddp``, the guard against BN statistics leaking across
+  the query/key pair), and the queue receives the keys and labels of every rank (``concat_all_gather``), as
+  officially; ``batch_size`` is then the per-rank batch and ``queue_size`` must be a multiple of the global batch.
+  In one process both are the identity: no shuffle, the local batch is enqueued (the official code only supports
+  DDP, issue #27);
 * ``linear_k``, the official momentum copy of the classifier, is never used there and is omitted here;
 * the MLP's two Linear layers use PyTorch's default init (the official last Linear is the encoder's ``fc``, whose
   init depends on the backbone definition).
@@ -50,6 +54,7 @@ from torch import Tensor, nn
 
 from pipeline.losses import PaCoLoss
 from pipeline.models.network import Network
+from pipeline.train import distributed
 from pipeline.train.method import Method, StepOutput
 
 logger = logging.getLogger(__name__)
@@ -154,7 +159,9 @@ class PaCo(Method):
         if labels.shape[0] != self.batch_size:
             raise ValueError(f"PaCo got a batch of {labels.shape[0]} but was built for batch_size={self.batch_size} "
                              f"(queue_size={self.queue_size} must stay a multiple): load with drop_last=True")
-        keys = F.normalize(self.key_projection(self.key_backbone(images[1])).float(), dim=1)  # (B, dim)
+        key_images, idx_unshuffle = distributed.batch_shuffle(images[1])  # identity in one process
+        keys = F.normalize(self.key_projection(self.key_backbone(key_images)).float(), dim=1)  # (B, dim)
+        keys = distributed.batch_unshuffle(keys, idx_unshuffle)
         self._pending = (keys, labels)
         return {**batch, "keys": keys}
 
@@ -182,7 +189,11 @@ class PaCo(Method):
         # Enqueue (official _dequeue_and_enqueue): overwrite [ptr, ptr + B), ptr = (ptr + B) % K.
         keys, labels = self._pending
         self._pending = None
+        keys, labels = distributed.concat_all_gather(keys), distributed.concat_all_gather(labels)  # (W·B, dim), (W·B,)
         ptr, b = int(self.queue_ptr), keys.shape[0]
+        if self.queue_size % b:
+            raise ValueError(f"PaCo queue_size={self.queue_size} must be a multiple of the global batch {b} (batch "
+                             "size x nproc): change queue_size or the batch size")
         self.queue[ptr:ptr + b] = keys.to(self.queue.dtype)
         self.queue_l[ptr:ptr + b] = labels.to(self.queue_l.dtype)
         self.queue_ptr[0] = (ptr + b) % self.queue_size

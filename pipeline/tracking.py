@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
+import json
 import logging
 import math
 import os
@@ -53,6 +54,8 @@ logger = logging.getLogger(__name__)
 
 EXPERIMENT = "longtail-pipeline"
 PARENT_RUN_ENV = "LONGTAIL_PARENT_RUN_ID"
+# JSON object of tags every run gets, set by a flow run for its stages: {"flow_run": ..., "dvc_exp": ...}.
+RUN_TAGS_ENV = "LONGTAIL_RUN_TAGS"
 TRACKING_SWITCH_ENV = "LONGTAIL_TRACKING"
 PARENT_TAG = "mlflow.parentRunId"  # = mlflow.utils.mlflow_tags.MLFLOW_PARENT_RUN_ID
 # What the MLflow 3 UI reads and writes (``setExperimentTag({key: "mlflow.experimentKind", value: kind})`` in its JS
@@ -431,7 +434,7 @@ class MLflowTracker(_ContextMixin):
         self._max_param_len = _max_param_len()
         experiment_id = _ensure_experiment(self._client, experiment, self.repo_root)
 
-        run_tags: dict[str, Any] = {"stage": stage}
+        run_tags: dict[str, Any] = {"stage": stage, **run_tags_from_env()}
         if os.environ.get("DVC_STAGE"):
             run_tags["dvc_stage"] = os.environ["DVC_STAGE"]
         commit = _git_commit(self.repo_root)
@@ -614,6 +617,22 @@ class MLflowTracker(_ContextMixin):
             raise ValueError(f"Unknown run status {status!r}; valid: {', '.join(valid)}")
         self._client.set_terminated(self.run_id, status=status)
         self._closed = True
+
+
+def run_tags_from_env() -> dict[str, str]:
+    """The tags in ``$LONGTAIL_RUN_TAGS`` (a JSON object; a flow run sets it for its stages), else ``{}``."""
+    text = os.environ.get(RUN_TAGS_ENV, "").strip()
+    if not text:
+        return {}
+    try:
+        tags = json.loads(text)
+    except json.JSONDecodeError:
+        logger.warning("Ignoring %s: not a JSON object: %r", RUN_TAGS_ENV, text[:200])
+        return {}
+    if not isinstance(tags, dict):
+        logger.warning("Ignoring %s: not a JSON object: %r", RUN_TAGS_ENV, text[:200])
+        return {}
+    return {str(k): str(v) for k, v in tags.items()}
 
 
 def tracking_enabled() -> bool:

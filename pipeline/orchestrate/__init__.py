@@ -9,6 +9,9 @@ local runner (``python -m pipeline.orchestrate run``) are two thin drivers of th
 * :mod:`~pipeline.orchestrate.execution`: one stage (``dvc --wait-for-lock repro --single-item``) and the scheduler
   that runs a graph over any kind of future.
 * :mod:`~pipeline.orchestrate.local`: the Prefect-free runner and its CLI.
+* :mod:`~pipeline.orchestrate.workspace`: isolated runs (a git worktree of the pinned commit, saved as a DVC
+  experiment).
+* :mod:`~pipeline.orchestrate.pool`: one stage on a work-pool worker (checkout, ``dvc pull``, repro, ``dvc push``).
 
 Nothing here imports prefect (only :mod:`pipeline.flow` does) or mlflow (only :mod:`pipeline.tracking` does).
 """

@@ -102,13 +102,16 @@ def threads_per_stage(max_parallel: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, max_parallel))
 
 
-def _dvc_env(parent_run_id: str | None, threads: int | None = None) -> dict[str, str]:
+def _dvc_env(
+    parent_run_id: str | None, threads: int | None = None, extra: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """The environment of a stage process: ours, analytics off, the MLflow parent run, the thread budget.
 
     Args:
         parent_run_id: exported as ``LONGTAIL_PARENT_RUN_ID``; ``None`` removes an inherited one (no parent).
         threads: value for ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` where they are not set already (a user's
             explicit setting wins); ``None`` leaves them alone.
+        extra: variables set last (an isolated run's ``PYTHONPATH``, MLflow store and run tags).
     """
     env = dict(os.environ)
     env.setdefault("DVC_NO_ANALYTICS", "1")
@@ -120,6 +123,7 @@ def _dvc_env(parent_run_id: str | None, threads: int | None = None) -> dict[str,
     if threads is not None:
         for var in THREAD_ENV_VARS:
             env.setdefault(var, str(threads))
+    env.update(extra or {})
     return env
 
 
@@ -130,6 +134,8 @@ def run_stage(
     force: bool = False,
     parent_run_id: str | None = None,
     threads: int | None = None,
+    env: Mapping[str, str] | None = None,
+    pull: bool = False,
     log: Log = logger,
 ) -> StageStatus:
     """Run ``dvc --wait-for-lock repro --single-item <stage>`` in ``repo_root``, streaming its output to ``log``.
@@ -143,6 +149,8 @@ def run_stage(
         force: pass ``--force`` (run even when up to date).
         parent_run_id: MLflow parent run id exported to the stage as ``LONGTAIL_PARENT_RUN_ID``.
         threads: ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` of the stage unless set already (:func:`threads_per_stage`).
+        pull: pass ``--pull`` (missing outputs of an unchanged stage, and the run cache, from the DVC remote).
+        env: extra environment variables of the stage process (:func:`pipeline.orchestrate.workspace.stage_env`).
         log: where output and progress go (the flow passes Prefect's run logger).
 
     Returns:
@@ -158,13 +166,15 @@ def run_stage(
     cmd = [sys.executable, "-m", "dvc", "--wait-for-lock", "repro", "--single-item", stage]
     if force:
         cmd.append("--force")
+    if pull:
+        cmd.append("--pull")
     log.info("[%s] started: %s", stage, " ".join(cmd[2:]))
     started = time.perf_counter()
     lines: list[str] = []
     with subprocess.Popen(
         cmd,
         cwd=root,
-        env=_dvc_env(parent_run_id, threads),
+        env=_dvc_env(parent_run_id, threads, env),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
@@ -210,7 +220,7 @@ def run_stage_retrying(
         retries: attempts after the first.
         delay_s: seconds between attempts.
         log: as in :func:`run_stage`.
-        **kwargs: forwarded to :func:`run_stage` (force, parent_run_id, threads).
+        **kwargs: forwarded to :func:`run_stage` (force, parent_run_id, threads, env).
     """
     for attempt in range(retries + 1):
         try:

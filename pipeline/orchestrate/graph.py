@@ -45,6 +45,17 @@ def stage_graph(repo_root: str | os.PathLike[str]) -> dict[str, list[str]]:
     return {name: upstream[name] for name in order if name in upstream}
 
 
+def find_stage(repo: Any, name: str) -> Any:
+    """The stage object named ``name`` (as :func:`stage_graph` names it) in an open ``dvc.repo.Repo``.
+
+    Unlike ``repo.stage.collect(name)``, independent of the current working directory.
+    """
+    for stage in repo.index.stages:
+        if getattr(stage, "cmd", None) and _stage_name(stage) == name:
+            return stage
+    raise ValueError(f"No stage {name!r} in {repo.root_dir}")
+
+
 def select_stages(graph: dict[str, list[str]], targets: Iterable[str]) -> dict[str, list[str]]:
     """Restrict ``graph`` to ``targets`` and everything upstream of them (all stages when ``targets`` is empty).
 

@@ -2,8 +2,8 @@
 
 The flow takes overrides in the Hydra grammar so a run from the Prefect UI means the same as ``dvc exp run -S`` on
 the command line (DESIGN.md "Config"). This reuses DVC's own helpers (DVC 3.67.1
-``dvc/repo/experiments/queue/base.py::_update_params``) instead of re-implementing the composition; the stages then
-run in the workspace (no experiment ref is created).
+``dvc/repo/experiments/queue/base.py::_update_params``) instead of re-implementing the composition. The flow applies
+them in an isolated worktree (:mod:`.workspace`), or on a pool worker in its clone (:mod:`.pool`).
 """
 
 from __future__ import annotations

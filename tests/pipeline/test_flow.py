@@ -149,12 +149,17 @@ def test_flow_runs_all_then_nothing(toy_repo, prefect_harness, dvc):
     second = longtail_pipeline(repo_root=str(toy_repo))
     assert second == {name: "skipped" for name in EXPECTED_UPSTREAM}
 
-    # An override changes one foreach item: only it and what depends on it run.
-    third = longtail_pipeline(repo_root=str(toy_repo), overrides=["items.b.k=7"], targets=["total"])
+    # An override changes one foreach item: only it and what depends on it run, in an isolated worktree saved as
+    # a DVC experiment; the workspace keeps its params.yaml and outputs.
+    params_before = (toy_repo / "params.yaml").read_bytes()
+    third = longtail_pipeline(repo_root=str(toy_repo), overrides=["items.b.k=7"], targets=["total"], name="b7")
     assert third == {"source": "skipped", "square@a": "skipped", "square@b": "ran", "total": "ran"}
-    assert (toy_repo / "total.txt").read_text() == str(3 * 2 + 3 * 7)
-    assert "k: 7" in (toy_repo / "params.yaml").read_text()
+    assert (toy_repo / "params.yaml").read_bytes() == params_before
+    assert (toy_repo / "total.txt").read_text() == str(3 * 2 + 3 * 5)
     assert json.loads(dvc(toy_repo, "status", "--json")) == {}
+    exps = json.loads(dvc(toy_repo, "exp", "show", "--json"))
+    saved = {e["name"]: e["data"] for x in exps[1]["experiments"] for e in x["revs"]}
+    assert saved["b7"]["params"]["params.yaml"]["data"]["items"]["b"]["k"] == 7
 
 
 def test_apply_overrides_like_dvc_exp_run(make_dvc_repo, dvc_env):

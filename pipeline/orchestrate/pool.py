@@ -2,7 +2,7 @@
 
 A worker (``prefect worker start --pool <pool> --type process --limit 1``) runs in its own git clone of the
 repository with a DVC remote it shares with the submitting side. For each stage it is sent
-(:func:`pipeline.flow.longtail_stage`), it:
+(:func:`pipeline.flow_pool.longtail_stage`), it:
 
 1. checks out the commit the run pinned (``git checkout --force --detach <rev>``; ``git fetch`` first when the clone
    lacks it), composes ``params.yaml`` from ``conf/`` + the run's overrides (the same composition as the submitting

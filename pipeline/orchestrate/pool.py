@@ -141,6 +141,12 @@ def push_stage(root: Path, stage: str, log: Log = logger) -> None:
         target = find_stage(repo, stage)
         if not any(not out.use_cache and not out.persist for out in target.outs):
             return
+        if any(not out.use_cache and not (out.is_metric or out.is_plot) for out in target.outs):
+            # DVC saves no run-cache entry for such a stage (dvc/stage/__init__.py::Stage.run), so its uncached
+            # outputs were never committed and nothing can restore them: the submitting side reruns it.
+            log.warning("[%s] has uncached outputs that are neither metrics nor plots: DVC keeps no run cache of it",
+                        stage)
+            return
         cached = repo.stage_cache._create_stage(to_single_stage_lockfile(target), wdir=target.wdir)
         pushed = 0
         for objs in cached.get_used_objs().values():

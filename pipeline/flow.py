@@ -65,6 +65,7 @@ from pipeline.orchestrate.workspace import (
     pin_revision,
     save_experiment,
     stage_env,
+    stages_with_outputs,
 )
 from pipeline.tracking import create_tracker, find_repo_root, init_store, tracking_enabled
 
@@ -240,7 +241,8 @@ def longtail_pipeline(
         apply_overrides(worktree, list(overrides))
         graph = select_stages(stage_graph(worktree), targets)
         statuses = _drive(graph, root, worktree, tags, overrides, targets, force, max_parallel, executor, log, rev)
-        save_experiment(worktree, exp, list(graph))
+        committed = stages_with_outputs(worktree, graph)  # on a pool, checkpoints stay on the workers
+        save_experiment(worktree, exp, committed or list(graph))
     log.info("Saved as DVC experiment %r: `dvc exp show`, `dvc exp apply %s`", exp, exp)
     return statuses
 

@@ -179,8 +179,8 @@ def collect_pool_outputs(worktree: Path, graph: dict[str, list[str]], results: d
 
     The workers' dvc.lock entries are written into the worktree's ``dvc.lock``; the cached outputs are pulled from
     the DVC remote (into the workspace's cache, which the worktree shares); outputs kept out of the cache but not
-    ``persist`` (the reports and metrics ``dvc exp show`` reads) come back from the run cache the workers pushed:
-    ``dvc repro --pull --single-item`` of such a stage restores them ("is cached - skipping run"), not reruns it.
+    ``persist`` (the reports and metrics ``dvc exp show`` reads) are checked out as the lock entries record them, from
+    the objects the workers pushed (:func:`pipeline.orchestrate.pool.restore_uncached`), not rerun.
     """
     log = get_run_logger()
     pool_steps.merge_lock_entries(worktree, {name: results[name]["lock"] for name in graph})
@@ -193,11 +193,13 @@ def collect_pool_outputs(worktree: Path, graph: dict[str, list[str]], results: d
         restore = [
             name for name in graph if any(not out.persist and not out.use_cache for out in find_stage(repo, name).outs)
         ]
-    log.info("Restoring the uncached outputs of %s from the run cache (%d uncached paths)", restore, len(uncached))
+    log.info("Restoring the uncached outputs of %s from the remote (%d uncached paths)", restore, len(uncached))
     for name in restore:
-        status = run_stage(name, worktree, pull=True, log=log)
-        if status == "ran":
-            log.warning("[%s] was not in the run cache the workers pushed: it ran on the submitting side", name)
+        if pool_steps.restore_uncached(worktree, name, log):
+            continue
+        status = run_stage(name, worktree, pull=True, force=True, log=log)
+        log.warning("[%s] could not be restored from what the workers pushed: it %s on the submitting side", name,
+                    status)
 
 
 def deploy_stage(pool: str = POOL_NAME, name: str = STAGE_DEPLOYMENT_NAME) -> str:

@@ -45,7 +45,12 @@ if ! REMOTE_NAME="$(dvc config core.remote 2>/dev/null)" || [[ -z "$REMOTE_NAME"
   mkdir -p "$REMOTE_URL"
   dvc remote add --local --force --default "$REMOTE_NAME" "$REMOTE_URL"
 fi
-REMOTE_URL="$(dvc remote list | awk -v n="$REMOTE_NAME" '$1 == n {print $2}')"
+# The URL as the clones must see it, absolute: `dvc remote list` prints a local path relative to the working
+# directory (and the config file stores it relative to .dvc/), which means nothing in a clone elsewhere.
+REMOTE_URL="$(dvc config "remote.$REMOTE_NAME.url")"
+if [[ "$REMOTE_URL" != *://* && "$REMOTE_URL" != /* ]]; then
+  REMOTE_URL="$(realpath -m "$REMOTE_URL")"
+fi
 echo "pool.sh: DVC remote $REMOTE_NAME = $REMOTE_URL"
 "$PY" -c "import sys; from pipeline.tracking import init_store; init_store(sys.argv[1])" "$ROOT"
 

@@ -154,6 +154,33 @@ def push_stage(root: Path, stage: str, log: Log = logger) -> None:
     log.info("[%s] pushed %d object(s) of its uncached outputs (for run-cache restores)", stage, pushed)
 
 
+def restore_uncached(root: Path, stage: str, log: Log = logger) -> bool:
+    """Check out the stage's uncached, non-persisted outputs (metrics, plots) as its ``dvc.lock`` entry records them,
+    pulling their objects (which :func:`push_stage` sent) from the remote; False when DVC cannot (nothing pushed).
+
+    ``dvc repro --pull`` is no substitute: it finds a stage whose uncached metrics are missing "up to date" and
+    restores nothing. This is DVC's own run-cache restore (``StageCache.restore``) fed with the lock entry.
+    """
+    from dvc.repo import Repo
+    from dvc.stage.cache import RunCacheNotFoundError
+
+    from pipeline.orchestrate.graph import find_stage
+
+    with contextlib.chdir(root), Repo(os.fspath(root)) as repo:
+        target = find_stage(repo, stage)
+        try:
+            with repo.lock:  # what `dvc repro` holds around it (the checkout asserts it)
+                repo.stage_cache.restore(target, pull=True)
+        except RunCacheNotFoundError:
+            return False
+        missing = [out.def_path for out in target.outs if not out.persist and not Path(out.fs_path).exists()]
+    if missing:
+        log.warning("[%s] restored without %s", stage, ", ".join(missing))
+        return False
+    log.info("[%s] restored its uncached outputs from the remote", stage)
+    return True
+
+
 def prepare_stage(
     root: Path,
     rev: str,

@@ -101,6 +101,25 @@ def uncached_outputs(repo_root: str | os.PathLike[str]) -> list[str]:
     return sorted(set(paths))
 
 
+def stages_with_outputs(repo_root: str | os.PathLike[str], stages: Iterable[str]) -> list[str]:
+    """The ``stages`` whose every output exists under ``repo_root``: those ``dvc exp save`` can commit.
+
+    After a pool run the submitting side has each stage's ``dvc.lock`` entry and its cached outputs, but not the
+    persisted uncached ones (the checkpoints stay in the worker's clone that trained the model); committing such a
+    stage would fail on the missing path, and its lock entry, written by its worker, is already the right one.
+    """
+    from dvc.repo import Repo
+
+    from pipeline.orchestrate.graph import find_stage
+
+    keep: list[str] = []
+    with Repo(os.fspath(repo_root)) as repo:
+        for name in stages:
+            if all(Path(out.fs_path).exists() for out in find_stage(repo, name).outs):
+                keep.append(name)
+    return keep
+
+
 def metric_files(repo_root: str | os.PathLike[str]) -> list[str]:
     """Existing uncached metrics and plots files of the repo's stages (relative paths): what ``dvc exp show`` and
     ``dvc plots diff`` read from an experiment's commit, and what git ignores under ``data/``."""

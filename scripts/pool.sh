@@ -13,12 +13,7 @@
 # Env: WORKERS (2), POOL (longtail), PREFECT_PORT (4200), POOL_DIR (<repo>/.dvc/tmp/pool: clones, logs),
 #      DVC_REMOTE_DIR ($POOL_DIR/remote; any existing default remote of the workspace is used instead),
 #      PYTHON (.venv/bin/python), PREFECT_HOME (<repo>/.prefect), OMP_NUM_THREADS (cores / WORKERS).
-set -euo pipefail
-
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
-PY="${PYTHON:-$ROOT/.venv/bin/python}"
-[[ -x "$PY" ]] || PY="$(command -v python3)"
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 WORKERS="${WORKERS:-2}"
 POOL="${POOL:-longtail}"
 PREFECT_PORT="${PREFECT_PORT:-4200}"

@@ -8,12 +8,7 @@
 #       -p overrides='["dataset=digits_lt"]' -p targets='["evaluate"]'
 #
 # Env: PREFECT_PORT (4200), MLFLOW_PORT (5000), PYTHON (.venv/bin/python), PREFECT_HOME (<repo>/.prefect).
-set -euo pipefail
-
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
-PY="${PYTHON:-$ROOT/.venv/bin/python}"
-[[ -x "$PY" ]] || PY="$(command -v python3)"
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 PREFECT_PORT="${PREFECT_PORT:-4200}"
 MLFLOW_PORT="${MLFLOW_PORT:-5000}"
 LOG_DIR="$ROOT/.prefect/logs"

@@ -33,8 +33,13 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def collect_outputs(data_root: Path, ensembles: dict[str, list[str]]) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """``{'<kind>/<name>[:<head>]': test logits or scores (N, C)}`` and the test labels."""
+def collect_outputs(data_root: Path, ensembles: dict[str, list[str]], strict: bool = True
+                    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """``{'<kind>/<name>[:<head>]': test logits or scores (N, C)}`` and the test labels.
+
+    An ensemble with a member missing is an error when ``strict`` (the primary run), else left out (a seed replica
+    whose stages ran only in part: the ensemble's row then has fewer seeds).
+    """
     outputs: dict[str, np.ndarray] = {}
     labels = None
     for kind in KINDS:
@@ -50,6 +55,8 @@ def collect_outputs(data_root: Path, ensembles: dict[str, list[str]]) -> tuple[d
     for name, members in ensembles.items():
         keys = [f"teachers/{m}" for m in members]
         missing = [k for k in keys if k not in outputs]
+        if missing and not strict:
+            continue
         if missing:
             raise ValueError(f"evaluate.ensembles.{name}: no predictions for {', '.join(missing)}")
         outputs[f"ensemble/{name}"] = np.mean([_softmax(outputs[k]) for k in keys], axis=0)
@@ -89,7 +96,7 @@ def collect_seed_outputs(data_root: Path, ensembles: dict[str, list[str]], repli
         root = data_root / "seeds" / str(k)
         if not root.is_dir():
             raise FileNotFoundError(f"seeds.replicas lists {k} but {root} does not exist: run its *_seed stages")
-        runs[k], replica_labels = collect_outputs(root, ensembles)
+        runs[k], replica_labels = collect_outputs(root, ensembles, strict=False)
         if not np.array_equal(labels, replica_labels):
             raise ValueError(f"{root}: its test labels differ from the primary run's (rerun it on this dataset)")
     return runs, labels

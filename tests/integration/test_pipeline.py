@@ -157,6 +157,46 @@ def test_second_repro_does_nothing(repo: Path, first_run: subprocess.CompletedPr
     assert time.perf_counter() - t0 < 60
 
 
+def test_a_seed_replica_trains_apart_and_joins_the_report(repo: Path, first_run: subprocess.CompletedProcess) -> None:
+    """seeds.replicas=[1]: the replica stages of the CE teacher and the upper bound write under data/seeds/1 with
+    seed + 1 and leave every primary stage up to date; the report then gives those rows over two seeds."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    write_params(repo, {**params, "seeds": {"replicas": [1]}})
+    try:
+        for stage in ("teacher_seed@ce-1", "upper_bound_seed@1", "evaluate"):
+            assert ran_stages(dvc(repo, "repro", "--single-item", stage).stdout) == [stage]
+        status = json.loads(dvc(repo, "status", "--json").stdout)
+        assert not any("_seed@" not in name and name != "evaluate" for name in status), status  # primary unchanged
+        replica = json.loads((repo / "data/seeds/1/teachers/ce/metrics.json").read_text())
+        primary = json.loads((repo / "data/teachers/ce/metrics.json").read_text())
+        weights = [_state(repo / root / "teachers/ce/model.pt") for root in ("data", "data/seeds/1")]
+        assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # another seed, another run
+        assert not (repo / "data/teachers/ce-1").exists() and (repo / "checkpoints/seeds/1/teachers/ce").is_dir()
+        metrics = json.loads((repo / "data/reports/metrics.json").read_text())
+        for row in ("teachers/ce", "upper_bound/ce"):
+            assert metrics["seeds"][row]["n"] == 2 and metrics["seeds"][row]["seeds"] == [0, 1]
+            values = [primary["test"]["main"]["all"], replica["test"]["main"]["all"]] if row == "teachers/ce" else None
+            if values:
+                assert metrics["seeds"][row]["all"]["values"] == pytest.approx(values)
+        assert metrics["seeds"]["teachers/cb"]["n"] == 1
+        assert (repo / "data/reports/plots/seeds.png").is_file()
+        assert "| teachers/ce | 2 |" in (repo / "data/reports/summary.md").read_text()
+        import mlflow  # the evaluate run's seed table, as a user opens it in MLflow
+
+        mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+        runs = mlflow.search_runs(experiment_names=["longtail-pipeline"], filter_string="tags.stage = 'evaluate'",
+                                  order_by=["attributes.start_time DESC"])
+        table = mlflow.artifacts.load_dict(f"runs:/{runs.iloc[0]['run_id']}/tables/seeds.json")  # columns + data
+        rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
+        ce = next(row for row in rows if row["model"] == "teachers/ce")
+        assert ce["seeds"] == 2 and ce["all_mean"] == pytest.approx(metrics["seeds"]["teachers/ce"]["all"]["mean"])
+        replica_runs = mlflow.search_runs(experiment_names=["longtail-pipeline"],
+                                          filter_string="tags.seed_replica = '1'")
+        assert sorted(replica_runs["tags.stage"]) == ["teacher_seed@ce-1", "upper_bound_seed@1"]
+    finally:
+        write_params(repo, params)
+
+
 def test_changing_one_teacher_reruns_only_its_branch(repo: Path, first_run: subprocess.CompletedProcess) -> None:
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["teachers"]["ce"]["optimizer"]["lr"] = 0.05

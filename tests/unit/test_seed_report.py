@@ -93,6 +93,12 @@ def test_report_over_replica_directories(tmp_path: Path) -> None:
     assert "upper_bound/ce | 3 | 100.0 ± 0.0 ▲ | 100.0 ± 0.0 ▲" in text  # 0 spread: beyond 2 SE of CE
     with pytest.raises(FileNotFoundError, match="seeds.replicas lists 3"):
         collect_seed_outputs(tmp_path, {}, [1, 3])
+    # an ensemble whose members a replica lacks: an error in the primary run, left out of the replica
+    _write_predictions(tmp_path / "teachers/cb", _logits(labels, 0), labels)
+    runs, _ = collect_seed_outputs(tmp_path, {"ce_cb": ["ce", "cb"]}, [1])
+    assert "ensemble/ce_cb" in runs[0] and "ensemble/ce_cb" not in runs[1]
+    with pytest.raises(ValueError, match="evaluate.ensembles.ce_cb: no predictions for teachers/cb"):
+        collect_seed_outputs(tmp_path / "seeds/1", {"ce_cb": ["ce", "cb"]}, [])
 
 
 def test_report_refuses_a_replica_on_other_test_labels(tmp_path: Path) -> None:

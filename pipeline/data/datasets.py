@@ -387,7 +387,9 @@ def _seeded(seed: int | None) -> Iterator[None]:
         return
     py_state, np_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        # The CPU generator only (fork_rng restores only it): the same stream as torch.manual_seed, which also
+        # queues the CUDA generators and costs ~120 us a call against ~1 us, per sample (measured on the CPU build).
+        torch.default_generator.manual_seed(seed)
         random.seed(seed)
         np.random.seed(seed % 2**32)
         try:

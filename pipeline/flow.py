@@ -1,4 +1,4 @@
-"""The Prefect flow over ``dvc.yaml`` (with :mod:`pipeline.flow_pool`, the only modules that import prefect).
+"""The Prefect flow over ``dvc.yaml`` (the only module that imports prefect).
 
 The DAG is defined once, in ``dvc.yaml``; the engine lives in :mod:`pipeline.orchestrate` and knows nothing of
 Prefect. The flow reads DVC's resolved stage graph (:func:`pipeline.orchestrate.graph.stage_graph`) and hands it to the
@@ -10,8 +10,9 @@ A run with config overrides (Hydra grammar, as ``dvc exp run -S``) runs isolated
 (:mod:`pipeline.orchestrate.workspace`): in a temporary git worktree of the pinned ``HEAD``, saved as a DVC
 experiment, the workspace untouched. A run without overrides reproduces in the workspace, as ``make run`` does.
 ``executor="pool"`` sends each stage as a flow run of the deployment ``longtail-stage/run-stage``
-(:func:`pipeline.flow_pool.longtail_stage`) to a Prefect ``process`` work pool, whose workers run it in their own
-clones with a shared DVC remote (:mod:`pipeline.flow_pool`, :mod:`pipeline.orchestrate.pool`, docs/scale_out.md).
+(:func:`longtail_stage`) to a Prefect ``process`` work pool, whose workers run it in their own clones with a shared
+DVC remote (:func:`run_graph_on_pool`; the steps without Prefect in :mod:`pipeline.orchestrate.pool`,
+docs/scale_out.md).
 
 Each task runs ``dvc --wait-for-lock repro --single-item <stage>``
 (:func:`pipeline.orchestrate.execution.run_stage`). DVC alone decides what to skip: tasks use Prefect's ``NO_CACHE``
@@ -29,8 +30,10 @@ Prefect, ``python -m pipeline.orchestrate run`` runs the same graph with the sam
 """
 
 import argparse
+import json
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -41,23 +44,19 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
 from pipeline.dvc_locks import clear_stale_locks
-from pipeline.flow_pool import (
-    POOL_NAME,
-    STAGE_DEPLOYMENT,
-    collect_pool_outputs,
-    deploy_stage,
-    run_graph_on_pool,
-)
+from pipeline.orchestrate import pool as pool_steps
 from pipeline.orchestrate.execution import (
     LOCK_RETRIES,
     LOCK_RETRY_DELAY_S,
+    StageFailedError,
     StageLockError,
     StageStatus,
     run_graph,
     run_stage,
+    run_stage_retrying,
     threads_per_stage,
 )
-from pipeline.orchestrate.graph import select_stages, stage_graph
+from pipeline.orchestrate.graph import select_stages, stage_graph, upstream_closure
 from pipeline.orchestrate.overrides import apply_overrides
 from pipeline.orchestrate.workspace import (
     experiment_name,
@@ -73,6 +72,12 @@ logger = logging.getLogger(__name__)
 
 FLOW_NAME = "longtail-pipeline"
 DEPLOYMENT_NAME = "longtail"
+STAGE_FLOW_NAME = "longtail-stage"  # one DVC stage on a work-pool worker
+STAGE_DEPLOYMENT_NAME = "run-stage"
+STAGE_DEPLOYMENT = f"{STAGE_FLOW_NAME}/{STAGE_DEPLOYMENT_NAME}"
+POOL_NAME = "longtail"
+STAGE_RESULT_ARTIFACT = "dvc-stage-result"  # artifact type of a pool stage's result (its dvc.lock entry)
+POOL_POLL_S = 2.0
 Executor = Literal["local", "pool"]
 MAX_PARALLEL_LIMIT = 16  # threads of the flow's task runner; the scheduler keeps at most max_parallel in flight
 
@@ -129,6 +134,96 @@ def repro_stage(
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# One stage on a work-pool worker
+# --------------------------------------------------------------------------------------------------------------------
+def _worker_name(root: Path) -> str:
+    return os.environ.get("LONGTAIL_WORKER_NAME") or f"{socket.gethostname()}:{root}"
+
+
+@flow(name=STAGE_FLOW_NAME, validate_parameters=True, flow_run_name="{stage}")
+def longtail_stage(
+    stage: Annotated[str, Field(description="DVC stage to reproduce, e.g. `teacher@ce`.")],
+    rev: Annotated[str, Field(description="Git commit to check out (the triggering run pins it).")],
+    overrides: Annotated[list[str], Field(description="Hydra overrides composed into params.yaml.")] = [],  # noqa: B006
+    upstream_locks: Annotated[
+        dict[str, dict[str, Any]], Field(description="dvc.lock entries of the stages upstream (from their workers).")
+    ] = {},  # noqa: B006
+    pull: Annotated[list[str], Field(description="Stages whose outputs to `dvc pull` first (the inputs).")] = [],  # noqa: B006
+    force: bool = False,
+    parent_run_id: str | None = None,
+    tags: Annotated[dict[str, str], Field(description="MLflow tags of the stage's run (flow_run, dvc_exp).")] = {},  # noqa: B006
+) -> dict[str, Any]:
+    """Reproduce one DVC stage in this worker's clone (:mod:`pipeline.orchestrate.pool`): checkout ``rev``, compose
+    params, ``dvc pull`` the inputs, ``dvc repro --single-item``, ``dvc push`` the outputs and the run cache.
+
+    Returns:
+        ``{"stage", "status" ('ran' | 'skipped'), "lock" (the stage's dvc.lock entry), "worker", "repo"}``, also
+        recorded as an artifact of type ``dvc-stage-result`` on the flow run (how the submitting side reads it).
+    """
+    from prefect.artifacts import Artifact
+
+    log = get_run_logger()
+    root = pool_steps.worker_repo()
+    worker = _worker_name(root)
+    log.info("[%s] on worker %s (%s) at %s", stage, worker, root, rev[:12])
+    pool_steps.prepare_stage(root, rev, list(overrides), dict(upstream_locks), list(pull), log)
+    status = run_stage_retrying(
+        stage, root, force=force, parent_run_id=parent_run_id, env=stage_env(root, root, dict(tags)), pull=True, log=log
+    )
+    pool_steps.push_stage(root, stage, log)
+    result = {
+        "stage": stage,
+        "status": status,
+        "lock": pool_steps.lock_entry(root, stage),
+        "worker": worker,
+        "repo": str(root),
+    }
+    Artifact(
+        type=STAGE_RESULT_ARTIFACT,
+        data=result,
+        description=f"{stage}: {status} on {worker}; its dvc.lock entry (outputs pushed to the DVC remote)",
+    ).create()
+    return result
+
+
+def _stage_result(flow_run_id: Any) -> dict[str, Any]:
+    """The ``dvc-stage-result`` artifact a :func:`longtail_stage` run recorded."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterType
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
+                type=ArtifactFilterType(any_=[STAGE_RESULT_ARTIFACT]),
+            )
+        )
+    if not artifacts:
+        raise StageFailedError(f"Flow run {flow_run_id} completed without a {STAGE_RESULT_ARTIFACT} artifact")
+    data = artifacts[0].data
+    return json.loads(data) if isinstance(data, str) else dict(data)
+
+
+@task(cache_policy=NO_CACHE, task_run_name="pool:{stage}")
+def pool_stage(stage: str, parameters: dict[str, Any], deployment: str = STAGE_DEPLOYMENT) -> dict[str, Any]:
+    """Send one stage to the work pool as a flow run of ``deployment`` and wait for it (a subflow of this task).
+
+    Raises:
+        StageFailedError: the flow run did not complete (its logs are on the worker's flow run).
+    """
+    from prefect.deployments import run_deployment
+
+    run = run_deployment(deployment, parameters={"stage": stage, **parameters}, timeout=None, poll_interval=POOL_POLL_S)
+    state = run.state
+    if state is None or not state.is_completed():
+        raise StageFailedError(
+            f"{stage}: flow run {run.name} ({run.id}) of {deployment} ended "
+            f"{state.type.value if state else 'without a state'}: {state.message if state else ''}"
+        )
+    return _stage_result(run.id)
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # The flow
 # --------------------------------------------------------------------------------------------------------------------
 def _run_graph(
@@ -144,6 +239,41 @@ def _run_graph(
 
     def submit(name: str, upstream: list[PrefectFuture[StageStatus]]) -> PrefectFuture[StageStatus]:
         return repro_stage.submit(name, repo_root, force, parent_run_id, threads, env, wait_for=upstream)
+
+    return run_graph(graph, submit, as_completed, max_parallel)
+
+
+def run_graph_on_pool(
+    graph: dict[str, list[str]],
+    rev: str,
+    overrides: list[str],
+    force: bool,
+    max_parallel: int,
+    parent_run_id: str | None,
+    tags: dict[str, str],
+    deployment: str,
+) -> dict[str, dict[str, Any]]:
+    """The shared scheduler with one ``pool_stage`` task (a flow run on the work pool) per stage.
+
+    A stage is sent once its upstream flow runs completed, i.e. once their outputs are in the DVC remote; it gets
+    the dvc.lock entries of everything upstream of it (transitively) and pulls the outputs of its direct upstream
+    stages. ``max_parallel`` bounds the flow runs in flight; the workers' ``--limit`` bounds what each one runs.
+    """
+    futures: dict[str, PrefectFuture[dict[str, Any]]] = {}
+
+    def submit(name: str, upstream: list[PrefectFuture[dict[str, Any]]]) -> PrefectFuture[dict[str, Any]]:
+        locks = {up: futures[up].result()["lock"] for up in upstream_closure(graph, name)}
+        parameters = {
+            "rev": rev,
+            "overrides": overrides,
+            "upstream_locks": locks,
+            "pull": list(graph[name]),
+            "force": force,
+            "parent_run_id": parent_run_id,
+            "tags": tags,
+        }
+        futures[name] = pool_stage.submit(name, parameters, deployment, wait_for=upstream)
+        return futures[name]
 
     return run_graph(graph, submit, as_completed, max_parallel)
 
@@ -299,7 +429,7 @@ def _drive(
             )
             for name, result in results.items():
                 log.info("[%s] %s on %s", name, result["status"], result["worker"])
-            collect_pool_outputs(worktree, graph, results)
+            pool_steps.collect_outputs(worktree, {name: results[name]["lock"] for name in graph}, log)
             statuses: dict[str, StageStatus] = {name: result["status"] for name, result in results.items()}
             if tracker is not None:
                 tracker.set_tags({f"worker.{name}": result["worker"] for name, result in results.items()})
@@ -319,6 +449,30 @@ def _drive(
         "Ran %d stage(s)%s; %d up to date", len(ran), f" ({', '.join(ran)})" if ran else "", len(statuses) - len(ran)
     )
     return statuses
+
+
+def deploy_stage(pool: str = POOL_NAME, name: str = STAGE_DEPLOYMENT_NAME) -> str:
+    """Register the ``longtail-stage/<name>`` deployment on the ``process`` work pool ``pool`` (created if missing).
+
+    The entrypoint is the module path ``pipeline.flow.longtail_stage`` and there are no pull steps: a worker imports
+    the flow from its own clone (``PYTHONPATH``) and :func:`longtail_stage` checks out the pinned commit itself.
+    Needs ``PREFECT_API_URL`` of a running server. Returns the deployment's id.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.deployments.runner import EntrypointType
+    from prefect.exceptions import ObjectAlreadyExists
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+            logger.info("Created work pool %s (process)", pool)
+        except ObjectAlreadyExists:
+            pass
+    deployment = longtail_stage.to_deployment(
+        name=name, work_pool_name=pool, entrypoint_type=EntrypointType.MODULE_PATH
+    )
+    return str(deployment.apply())
 
 
 def serve(name: str = DEPLOYMENT_NAME, limit: int | None = 1) -> None:

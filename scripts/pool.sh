@@ -91,7 +91,7 @@ for i in $(seq "$WORKERS"); do
   (cd "$clone" && dvc remote add --local --force --default "$REMOTE_NAME" "$REMOTE_URL" \
      && dvc config --local core.analytics false)
   # --limit 1: a clone runs one stage at a time (each checks out the run's commit). PYTHONPATH: the flow's code
-  # is imported from the clone (the deployment's entrypoint is the module path pipeline.flow_pool.longtail_stage).
+  # is imported from the clone (the deployment's entrypoint is the module path pipeline.flow.longtail_stage).
   setsid env -C "$clone" LONGTAIL_WORKER_REPO="$clone" LONGTAIL_WORKER_NAME="worker-$i" PYTHONPATH="$clone" \
     OMP_NUM_THREADS="${OMP_NUM_THREADS:-$((CORES / WORKERS > 0 ? CORES / WORKERS : 1))}" \
     "$PY" -m prefect worker start --pool "$POOL" --type process --limit 1 --name "worker-$i" \

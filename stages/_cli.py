@@ -76,13 +76,17 @@ def checkpoint_root(seed: int = 0) -> Path:
     return CHECKPOINTS if seed == 0 else CHECKPOINTS / SEEDS / str(seed)
 
 
-def seed_tags(seed: int) -> dict[str, str]:
-    """MLflow tags of a replica's runs: the replica and the run name suffix that tells the runs apart."""
-    return {"seed_replica": str(seed)}
+def stage_tracker(kind: str, name: str | None, seed: int, tags: dict[str, str], run: str | None = None):
+    """The MLflow run of DVC stage ``<kind>@<name>`` (``<kind>`` without a name), or of its seed replica K
+    (``<kind>_seed@<name>-K``, run name ``<run>-seedK``), tagged ``seed_replica``; ``run`` defaults to
+    ``<kind>-<name>``."""
+    from pipeline.tracking import create_tracker
 
-
-def run_name(name: str, seed: int) -> str:
-    return name if seed == 0 else f"{name}-seed{seed}"
+    stage = kind if name is None else f"{kind}@{name}"
+    run = run or f"{kind}-{name}"
+    if seed:
+        stage, run = (f"{kind}_seed@{seed}" if name is None else f"{kind}_seed@{name}-{seed}"), f"{run}-seed{seed}"
+    return create_tracker(stage, run, {**tags, "seed_replica": str(seed)})
 
 
 def build_context(seed: int = 0):
@@ -97,7 +101,6 @@ def train_stage(section: str, kind: str, args: argparse.Namespace) -> None:
     """The teacher and student stages: train ``params.yaml[section][name]`` and write ``data/<section>/<name>``."""
     from pipeline.build import load_section
     from pipeline.config import as_dict
-    from pipeline.tracking import create_tracker
     from pipeline.train import distributed
     from pipeline.train.run import train_and_export
 
@@ -107,9 +110,8 @@ def train_stage(section: str, kind: str, args: argparse.Namespace) -> None:
     distributed.init(cfg.device)  # under torchrun: join the process group (rank 0 alone writes and logs)
     ctx = build_context(seed)
     stop = int(os.environ["LONGTAIL_STOP_AFTER_EPOCHS"]) if os.environ.get("LONGTAIL_STOP_AFTER_EPOCHS") else None
-    tags = {"model": args.name, "method": cfg.method, "dataset": ctx.dataset.name, **seed_tags(seed)}
-    stage = f"{kind}@{args.name}" if seed == 0 else f"{kind}_seed@{args.name}-{seed}"
-    tracking = create_tracker(stage, run_name(f"{kind}-{args.name}", seed), tags) if distributed.is_main() else None
+    tags = {"model": args.name, "method": cfg.method, "dataset": ctx.dataset.name}
+    tracking = stage_tracker(kind, args.name, seed, tags) if distributed.is_main() else None
     try:
         with tracking or contextlib.nullcontext() as tracker:
             if tracker is not None:

@@ -8,7 +8,7 @@ Encodes the dataset's train split (test transform) with the configured frozen en
 
 from __future__ import annotations
 
-from stages._cli import DATASET_DIR, data_root, name_parser, run, run_name, seed_tags
+from stages._cli import DATASET_DIR, data_root, name_parser, run, stage_tracker
 
 
 def load_config(name: str, train_size: int):
@@ -41,7 +41,6 @@ def main(args) -> None:
     from pipeline.index.encoders import split_features
     from pipeline.index.memory import build_memory_stats
     from pipeline.io import atomic_dir, write_json
-    from pipeline.tracking import create_tracker
 
     manifest = load_manifest(str(DATASET_DIR))
     cfg = load_config(args.name, manifest["split_sizes"]["train"])
@@ -77,10 +76,8 @@ def main(args) -> None:
         np.savez(tmp / "predictions.npz", **predictions)
         write_json(tmp / "stats.json", stats)
         write_json(tmp / "metrics.json", metrics)
-    tags = {"model": args.name, "encoder": f"{encoder.type}:{encoder.model}", "dataset": manifest["source"],
-            **seed_tags(args.seed)}
-    stage = f"index@{args.name}" if args.seed == 0 else f"index_seed@{args.name}-{args.seed}"
-    with create_tracker(stage, run_name(f"index-{args.name}", args.seed), tags) as tracker:
+    tags = {"model": args.name, "encoder": f"{encoder.type}:{encoder.model}", "dataset": manifest["source"]}
+    with stage_tracker("index", args.name, args.seed, tags) as tracker:
         tracker.log_params(as_dict(cfg))
         tracker.log_metrics({f"test/{h}/{g}": v for h in heads for g, v in metrics.get("test", {}).get(h, {}).items()
                              if v == v} | {"build_time_s": stats["build_time_s"]})

@@ -1,21 +1,18 @@
 """DVC stage ``memory@<name>``: score a trained RAC student against the changed memory ``memory.<name>``."""
 
-from stages._cli import build_context, name_parser, run, run_name, seed_tags
+from stages._cli import build_context, name_parser, run, stage_tracker
 
 
 def main(args) -> None:
     from pipeline.build import load_section
     from pipeline.config import as_dict
     from pipeline.memory import score_memory
-    from pipeline.tracking import create_tracker
 
     cfg = load_section("memory", args.name)
     student = load_section("students", cfg.model)
     ctx = build_context(args.seed)
-    tags = {"model": args.name, "source_model": f"students/{cfg.model}", "dataset": ctx.dataset.name,
-            **seed_tags(args.seed)}
-    stage = f"memory@{args.name}" if args.seed == 0 else f"memory_seed@{args.name}-{args.seed}"
-    with create_tracker(stage, run_name(f"memory-{args.name}", args.seed), tags) as tracker:
+    tags = {"model": args.name, "source_model": f"students/{cfg.model}", "dataset": ctx.dataset.name}
+    with stage_tracker("memory", args.name, args.seed, tags) as tracker:
         tracker.log_params(as_dict(cfg))
         summary = score_memory(cfg, student, ctx, ctx.data_root / "memory" / args.name)
         tracker.log_metrics({f"test/{h}/{k}": v for h, acc in summary["test"].items() for k, v in acc.items()

@@ -1,23 +1,20 @@
 """DVC stage ``rebalance@<model>-<method>``: cRT, LWS, NCM or τ-normalisation of a trained model."""
 
-from stages._cli import build_context, checkpoint_root, name_parser, offset_seed, run, run_name, seed_tags
+from stages._cli import build_context, checkpoint_root, name_parser, offset_seed, run, stage_tracker
 
 
 def main(args) -> None:
     from pipeline.build import load_section, model_dir
     from pipeline.config import as_dict
     from pipeline.rebalance import rebalance
-    from pipeline.tracking import create_tracker
 
     cfg = offset_seed(load_section("rebalance", args.name), args.seed)
     ctx = build_context(args.seed)
     model_dir(ctx, cfg.model)  # fail on an unknown model before anything is written
     checkpoints = checkpoint_root(args.seed) / "rebalance" / args.name  # created by rebalance() once the model loads
     out = ctx.data_root / "rebalance" / args.name
-    tags = {"model": args.name, "method": cfg.method, "source_model": cfg.model, "dataset": ctx.dataset.name,
-            **seed_tags(args.seed)}
-    stage = f"rebalance@{args.name}" if args.seed == 0 else f"rebalance_seed@{args.name}-{args.seed}"
-    with create_tracker(stage, run_name(f"rebalance-{args.name}", args.seed), tags) as tracker:
+    tags = {"model": args.name, "method": cfg.method, "source_model": cfg.model, "dataset": ctx.dataset.name}
+    with stage_tracker("rebalance", args.name, args.seed, tags) as tracker:
         tracker.log_params(as_dict(cfg))
         summary = rebalance(cfg, ctx, out, checkpoints, tracker)
         tracker.log_metrics({f"test/{k}": v for k, v in summary["test"]["main"].items() if v == v})

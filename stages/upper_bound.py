@@ -9,15 +9,13 @@ from stages._cli import (
     data_root,
     offset_seed,
     run,
-    run_name,
-    seed_tags,
+    stage_tracker,
 )
 
 
 def main(args: argparse.Namespace) -> None:
     from pipeline.build import load_section
     from pipeline.config import as_dict
-    from pipeline.tracking import create_tracker
     from pipeline.upper_bound import train_upper_bound
 
     cfg = load_section("upper_bound")
@@ -25,10 +23,8 @@ def main(args: argparse.Namespace) -> None:
     dataset = load_section("dataset")
     if not (DATASET_DIR / "manifest.json").is_file():
         raise FileNotFoundError(f"{DATASET_DIR}/manifest.json not found: run the dataset stage first")
-    tags = {"model": f"upper_bound/{cfg.recipe}", "method": recipe.method, "dataset": f"{dataset.name}-balanced",
-            **seed_tags(args.seed)}
-    stage = "upper_bound" if args.seed == 0 else f"upper_bound_seed@{args.seed}"
-    with create_tracker(stage, run_name(f"upper_bound-{cfg.recipe}", args.seed), tags) as tracker:
+    tags = {"model": f"upper_bound/{cfg.recipe}", "method": recipe.method, "dataset": f"{dataset.name}-balanced"}
+    with stage_tracker("upper_bound", None, args.seed, tags, run=f"upper_bound-{cfg.recipe}") as tracker:
         tracker.log_params(as_dict(recipe))
         train_upper_bound(dataset, cfg.recipe, recipe, DATASET_DIR, data_root(args.seed) / "upper_bound",
                           checkpoint_root(args.seed) / "upper_bound", tracker)

@@ -9,7 +9,7 @@ expanded) from ``dvc.repo.Repo(root).index.graph``, an internal networkx graph: 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 
@@ -80,3 +80,15 @@ def select_stages(graph: dict[str, list[str]], targets: Iterable[str]) -> dict[s
                 wanted.add(up)
                 todo.append(up)
     return {name: ups for name, ups in graph.items() if name in wanted}
+
+
+def upstream_closure(graph: Mapping[str, Sequence[str]], name: str) -> list[str]:
+    """Every stage ``name`` depends on, directly or not, in ``graph`` order."""
+    seen: set[str] = set()
+    todo = list(graph[name])
+    while todo:
+        up = todo.pop()
+        if up not in seen:
+            seen.add(up)
+            todo.extend(graph[up])
+    return [n for n in graph if n in seen]

@@ -2,7 +2,7 @@
 
 A worker (``prefect worker start --pool <pool> --type process --limit 1``) runs in its own git clone of the
 repository with a DVC remote it shares with the submitting side. For each stage it is sent
-(:func:`pipeline.flow_pool.longtail_stage`), it:
+(:func:`pipeline.flow.longtail_stage`), it:
 
 1. checks out the commit the run pinned (``git checkout --force --detach <rev>``; ``git fetch`` first when the clone
    lacks it), composes ``params.yaml`` from ``conf/`` + the run's overrides (the same composition as the submitting
@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.orchestrate.execution import Log
+from pipeline.orchestrate.execution import Log, run_stage
 from pipeline.orchestrate.overrides import apply_overrides
 
 logger = logging.getLogger(__name__)
@@ -194,3 +194,30 @@ def prepare_stage(
     apply_overrides(root, list(overrides))
     merge_lock_entries(root, upstream_locks)
     pull_stages(root, pull, log)
+
+
+def collect_outputs(worktree: Path, locks: Mapping[str, Mapping[str, Any]], log: Log = logger) -> None:
+    """Bring a pool run's record into the submitting side's worktree, for ``dvc exp save``.
+
+    The workers' ``dvc.lock`` entries ``locks`` are written into the worktree's ``dvc.lock``; the cached outputs are
+    pulled from the DVC remote (into the workspace's cache, which the worktree shares); outputs kept out of the cache
+    but not ``persist`` (the reports and metrics ``dvc exp show`` reads) are checked out as the lock entries record
+    them, from the objects the workers pushed (:func:`restore_uncached`), and only rerun here when that fails.
+    """
+    from dvc.repo import Repo
+
+    from pipeline.orchestrate.graph import find_stage
+
+    merge_lock_entries(worktree, locks)
+    pull_run_cache(worktree, log)
+    pull_stages(worktree, list(locks), log)
+    with Repo(os.fspath(worktree)) as repo:
+        restore = [name for name in locks
+                   if any(not out.persist and not out.use_cache for out in find_stage(repo, name).outs)]
+    log.info("Restoring the uncached outputs of %s from the remote", restore)
+    for name in restore:
+        if restore_uncached(worktree, name, log):
+            continue
+        status = run_stage(name, worktree, pull=True, force=True, log=log)
+        log.warning("[%s] could not be restored from what the workers pushed: it %s on the submitting side", name,
+                    status)

@@ -12,7 +12,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install run test test-fast lint params ui flow pool clean
+.PHONY: install run test test-fast lint params ui flow pool bench-fashion clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -52,6 +52,11 @@ flow: install
 # (scripts/pool.sh, docs/scale_out.md). Commit first: the run pins HEAD and is saved as a DVC experiment.
 pool: install
 	bash scripts/pool.sh -- $(PY) -m pipeline.flow run --executor pool -j 2
+
+# `make bench-fashion`: the Fashion-MNIST-LT benchmark (CIFAR-10-LT's protocol, every method; about an hour on two
+# cores) in .bench/fashion_mnist_lt, beside the default pipeline; installs Debian's dataset-fashion-mnist as root.
+bench-fashion: install
+	$(PY) benchmarks/fashion_mnist_lt.py
 
 clean:  # data/seeds/README.md is tracked (the evaluate stage's data/seeds dependency)
 	rm -rf data checkpoints .dvc/tmp mlflow.db mlartifacts

@@ -7,6 +7,9 @@ Each source returns a :class:`SourceData` whose splits are among ``train`` / ``v
 * ``synthetic``: deterministic class-conditional images of any size and class count (scale tests). ``train`` only.
 * ``cifar10`` / ``cifar100``: the official python pickles (``cifar-10-batches-py`` / ``cifar-100-python``) under
   ``root``; torchvision downloads them when ``download=True``. Official ``train`` and ``test`` splits.
+* ``fashion_mnist``: Zalando's Fashion-MNIST, the four original idx files (gzipped or not) under ``root``
+  (Debian's ``dataset-fashion-mnist`` installs them; torchvision downloads them when ``download=True``), 28x28
+  grey images zero-padded to ``image_size`` and replicated to RGB. Official ``train`` (60,000) and ``test`` (10,000).
 * ``imagefolder``: an image root plus OLTR-style split files (``relative/path label`` per line, METHODS.md §1.2),
   as used by ImageNet-LT, Places-LT and iNaturalist-2018. Images stay on disk and load lazily.
 """
@@ -14,6 +17,7 @@ Each source returns a :class:`SourceData` whose splits are among ``train`` / ``v
 from __future__ import annotations
 
 import codecs
+import gzip
 import logging
 import os
 import pickle
@@ -288,6 +292,118 @@ def load_cifar10_source(root: str, download: bool = False) -> SourceData:
 def load_cifar100_source(root: str, download: bool = False) -> SourceData:
     """CIFAR-100 (fine labels): 50,000 train / 10,000 test 32x32 images from ``root/cifar-100-python``."""
     return _load_cifar("cifar100", root, download)
+
+
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+FASHION_MNIST_HOW = (
+    "install Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist: /usr/share/datasets/fashion-mnist) "
+    "and set dataset.root there, or set dataset.download=true where a network exists"
+)
+
+
+def read_idx(path: str) -> np.ndarray:
+    """Read one IDX file (the MNIST format: a big-endian magic ``0x0000 08 ndim``, ``ndim`` uint32 sizes, uint8 data).
+
+    ``path`` may be gzipped (detected by its magic bytes, whatever the name). Only unsigned-byte data (type 0x08)
+    exists in (Fashion-)MNIST and only that is read.
+
+    Raises:
+        SourceError: the file is not an IDX file of unsigned bytes, or it is shorter than its header says.
+    """
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise SourceError(f"{path}: truncated or corrupt gzip ({e}); {FASHION_MNIST_HOW}") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or not 1 <= raw[3] <= 4:
+        magic = raw[:4].hex() or "missing"
+        raise SourceError(f"{path}: not an IDX file of unsigned bytes (magic {magic}); {FASHION_MNIST_HOW}")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise SourceError(f"{path}: truncated IDX header; {FASHION_MNIST_HOW}")
+    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    size = int(np.prod(shape))
+    if len(raw) - header < size:
+        raise SourceError(
+            f"{path}: truncated, {len(raw) - header} of {size} data bytes for shape {shape}; {FASHION_MNIST_HOW}"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, count=size, offset=header).reshape(shape)
+
+
+def _find_idx(root: str, name: str) -> str | None:
+    for candidate in (name + ".gz", name):
+        path = os.path.join(root, candidate)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+@SOURCES.register("fashion_mnist")
+def load_fashion_mnist_source(root: str, download: bool = False, image_size: int = 32) -> SourceData:
+    """Fashion-MNIST (Xiao et al. 2017): 60,000 train / 10,000 test 28x28 grey images of 10 clothing classes.
+
+    Reads the four original IDX files, gzipped or not, from ``root`` (or ``root/FashionMNIST/raw``, where
+    torchvision downloads them). Each image is zero-padded to ``image_size`` (the background is 0, so padding adds
+    background, not an interpolated copy: the CIFAR backbones, RandomCrop(32, pad 4) and the 4x4-patch ViTs take
+    32x32 unchanged) and replicated to RGB (colour jitter, grayscale and AutoAugment of the CIFAR recipes expect
+    three channels; only the stem conv sees the copies).
+
+    Args:
+        root: directory holding the idx files.
+        download: fetch them with torchvision first where they are missing (needs a network).
+        image_size: output side (>= 28); the 28x28 image is centred.
+
+    Raises:
+        SourceError: a file is missing, truncated or not IDX; the message names it and the two ways to get it.
+    """
+    root = os.path.expanduser(root)
+    if image_size < 28:
+        raise SourceError(f"fashion_mnist: image_size={image_size} is below the images' 28 px; use 28 or more")
+    dirs = [root, os.path.join(root, "FashionMNIST", "raw")]
+    names = [n for pair in FASHION_MNIST_FILES.values() for n in pair]
+
+    def locate() -> dict[str, str | None]:
+        return {n: next((p for d in dirs if (p := _find_idx(d, n))), None) for n in names}
+
+    found = locate()
+    if download and None in found.values():
+        import torchvision
+
+        logger.info("downloading fashion_mnist into %s", root)
+        try:
+            torchvision.datasets.FashionMNIST(root=root, train=True, download=True)
+            torchvision.datasets.FashionMNIST(root=root, train=False, download=True)
+        except Exception as e:  # network errors come in many types; report them as one clear SourceError
+            raise SourceError(f"fashion_mnist: download into {root!r} failed ({e}); {FASHION_MNIST_HOW}") from e
+        found = locate()
+    missing = [n for n, p in found.items() if p is None]
+    if missing:
+        raise SourceError(f"fashion_mnist: {os.path.join(root, missing[0])}(.gz) not found; {FASHION_MNIST_HOW}")
+    pad = image_size - 28
+    before, after = pad // 2, pad - pad // 2
+    splits = {}
+    for split, (images_name, labels_name) in FASHION_MNIST_FILES.items():
+        images, labels = read_idx(found[images_name]), read_idx(found[labels_name])
+        if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.ndim != 1 or len(labels) != len(images):
+            raise SourceError(
+                f"fashion_mnist: {found[images_name]} holds {images.shape} images and {found[labels_name]} "
+                f"{labels.shape} labels; expected (N, 28, 28) and (N,); {FASHION_MNIST_HOW}"
+            )
+        if labels.max(initial=0) >= len(FASHION_MNIST_CLASSES):
+            raise SourceError(f"fashion_mnist: {found[labels_name]} has label {labels.max()}, expected 0..9")
+        grey = np.pad(images, ((0, 0), (before, after), (before, after)))  # (N, S, S), zero background
+        rgb = np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=-1))  # (N, S, S, 3)
+        splits[split] = SplitData(labels=labels.astype(np.int64), images=rgb)
+    return SourceData("fashion_mnist", list(FASHION_MNIST_CLASSES), splits)
 
 
 def _read_split_file(path: str, root: str) -> tuple[list[str], np.ndarray]:

@@ -43,10 +43,12 @@ def dump_model_outputs(predict: Callable[[Tensor], dict[str, Tensor]], embed: Ca
     for split, loader in loaders.items():
         if loader is None:
             continue
+        if split == "train":  # only its embeddings are kept: no prediction pass over the largest split
+            out, labels = run_over(loader, lambda x: {"__features": embed(x)}, device, split)
+            feats[split], feats[f"{split}_labels"] = out["__features"], labels
+            continue
         logits, labels = run_over(loader, lambda x: {**predict(x), "__features": embed(x)}, device, split)
         feats[split], feats[f"{split}_labels"] = logits.pop("__features"), labels
-        if split == "train":
-            continue
         preds[f"{split}_labels"] = labels
         metrics[split] = {}
         for head, z in logits.items():

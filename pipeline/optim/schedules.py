@@ -92,12 +92,13 @@ def paco_cifar_lr(
     """PaCo CIFAR schedule (METHODS.md §4.3), 0-based e.
 
     e ≤ warmup → ``base_lr/warmup·(e+1)`` (⚠ official quirk: epoch ``warmup`` runs at 1.1×lr);
-    e > 360 → 0.01·lr; e > 320 → 0.1·lr; else lr.
+    e > 360 → 0.01·lr; e > 320 → 0.1·lr; else lr. ``warmup`` 0: no warm-up (a shortened run whose 2.5 % warm-up
+    falls inside its first epoch).
     """
     _check_epoch(epoch)
     if len(milestones) != len(factors):
         raise ValueError(f"milestones {tuple(milestones)} and factors {tuple(factors)} must have the same length")
-    if epoch <= warmup:
+    if warmup > 0 and epoch <= warmup:
         return base_lr / warmup * (epoch + 1)
     passed = sum(1 for m in milestones if epoch > m)
     return base_lr * (factors[passed - 1] if passed else 1.0)

@@ -89,3 +89,32 @@ def test_gap_closed_by_hand() -> None:
     assert gap["models"]["upper_bound/ce"]["all"] == pytest.approx(1.0)
     assert gap["models"]["teachers/ce"]["few"] == pytest.approx(0.0)
     assert gap_closed({k: v for k, v in models.items() if k != "upper_bound/ce"}) == {}
+
+
+def test_wilson_interval_matches_hand_computation() -> None:
+    from pipeline.evaluate.intervals import wilson_interval
+
+    # 90 of 100, z = 1.96: centre (0.9 + 0.019208) / 1.038416 = 0.885212, half 1.96·sqrt(0.0009 + 0.0000960)/1.038416
+    low, high = wilson_interval(90, 100, z=1.96)
+    assert low == pytest.approx(0.8256, abs=1e-4) and high == pytest.approx(0.9448, abs=1e-4)
+    assert wilson_interval(0, 50)[0] == 0.0 and wilson_interval(50, 50)[1] == 1.0  # stays inside [0, 1]
+    edge = (1.96**2 / 50) / (1 + 1.96**2 / 50)  # p = 0: the upper bound is z²/n / (1 + z²/n)
+    assert wilson_interval(0, 50, z=1.96)[1] == pytest.approx(edge)
+    assert wilson_interval(50, 50, z=1.96)[0] == pytest.approx(1 - edge)
+    assert np.isnan(wilson_interval(0, 0)[0])
+    with pytest.raises(ValueError, match="correct=11"):
+        wilson_interval(11, 10)
+
+
+def test_paired_difference_counts_only_disagreements() -> None:
+    from pipeline.evaluate.intervals import paired_difference
+
+    a = np.array([1, 1, 1, 0, 1, 0, 1, 1], dtype=bool)
+    b = np.array([1, 1, 0, 0, 1, 1, 0, 1], dtype=bool)
+    out = paired_difference(a, b, z=2.0)
+    d = np.array([0, 0, 1, 0, 0, -1, 1, 0], dtype=float)  # by hand
+    se = d.std(ddof=1) / np.sqrt(8)
+    assert out["diff"] == pytest.approx(0.125) and out["se"] == pytest.approx(se)
+    assert out["low"] == pytest.approx(0.125 - 2 * se) and out["high"] == pytest.approx(0.125 + 2 * se)
+    same = paired_difference(a, a)
+    assert same["diff"] == 0.0 and same["low"] == 0.0 == same["high"]  # identical models: a zero-width interval

@@ -123,3 +123,9 @@ def test_factory_errors() -> None:
         create_rho_schedule("cyclic", rho=0.1, epochs=10)
     with pytest.raises(ValueError, match="0-based"):
         ldam_drw_lr(-1)
+
+
+def test_paco_cifar_without_warmup_is_the_step_schedule() -> None:
+    # a shortened run (conf/teachers/fashion_lt.yaml: 5 epochs, drop after epoch 3) has no warm-up epoch left
+    lrs = [paco_cifar_lr(e, base_lr=0.05, warmup=0, milestones=[3], factors=[0.1]) for e in range(5)]
+    assert lrs == pytest.approx([0.05, 0.05, 0.05, 0.05, 0.005])

@@ -118,6 +118,6 @@ def test_imagefolder_errors(tmp_path):
 
 
 def test_registry_lists_sources():
-    assert SOURCES.names() == ["cifar10", "cifar100", "digits", "imagefolder", "synthetic"]
+    assert SOURCES.names() == ["cifar10", "cifar100", "digits", "fashion_mnist", "imagefolder", "synthetic"]
     with pytest.raises(UnknownNameError, match="digits"):
         load_source("mnist")

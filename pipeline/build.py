@@ -176,6 +176,7 @@ def dataset_from_config(cfg: DatasetConfig, profile: str | None = None):
                                 image_size=cfg.image_size, seed=cfg.seed),
               "cifar10": dict(root=cfg.root, download=cfg.download),
               "cifar100": dict(root=cfg.root, download=cfg.download),
+              "fashion_mnist": dict(root=cfg.root, download=cfg.download, image_size=cfg.image_size),
               "imagefolder": dict(root=cfg.root, train_file=cfg.train_file, val_file=cfg.val_file,
                                   test_file=cfg.test_file)}[cfg.source]
     source = load_source(cfg.source, **kwargs)

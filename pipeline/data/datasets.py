@@ -8,7 +8,8 @@ Building (``build_longtail``), per source kind:
 * official test split (CIFAR-10/100): the train set is subsampled from the full official train set exactly as the
   official code does (``n_max`` defaults to ``len(train) / C`` = 5000 / 500, seed = ``rand_number``), so the
   selection is bit-identical to LDAM-DRW / PaCo / DeiT-LT; val is carved (balanced, possibly 0 per class) from the
-  train images that were not selected; test is the official balanced test set. The official head class uses all
+  train images that not even the balanced counterpart (``n_max`` per class) selects, so it is the same for every
+  profile; test is the official balanced test set. The official head class uses all
   of its images, so a non-empty val set needs ``n_max <= len(train)/C - val_per_class`` (an error says so).
 * given long-tailed splits (imagefolder, ImageNet-LT style): kept as they are, profile recorded as ``given``.
 
@@ -157,10 +158,18 @@ def build_longtail(
     elif "test" in source.splits:
         # official order: subsample the full train set first, then carve val from what was not selected
         available = np.bincount(pool.labels, minlength=C)
-        counts = lt_counts(len(pool) / C if available.min() == available.max() else int(available.min()))
+        head = len(pool) / C if available.min() == available.max() else int(available.min())
+        counts = lt_counts(head)
         chosen = subsample_indices(pool.labels, counts, seed)
+        # Val comes from the images that not even the balanced counterpart (``n_max`` per class, same seed) draws.
+        # LDAM-DRW's selection shuffles each class once and keeps a prefix, so every profile's train split is a
+        # prefix of the same order: this val is disjoint from all of them and identical across profiles (the
+        # balanced upper bound is scored on the same val and test).
+        top = longtail_counts(n_max if n_max is not None else head, C, imbalance_factor, "none")
+        reserved = subsample_indices(pool.labels, top, seed) if val_per_class else chosen
         rest_mask = np.ones(len(pool), dtype=bool)
         rest_mask[chosen] = False
+        rest_mask[reserved] = False
         rest = pool.subset(np.flatnonzero(rest_mask))
         splits["train"] = pool.subset(chosen)
         left = np.bincount(rest.labels, minlength=C)

@@ -123,3 +123,13 @@ def test_preset_other_imbalance_factors(factor, total):
     ds = _build(_preset(imbalance_factor=float(factor)))
     assert ds.train_counts == [int(5000 * (1 / factor) ** (i / 9)) for i in range(10)] and sum(ds.train_counts) == total
     assert np.array_equal(np.bincount(ds.splits["val"].labels), [200] * 10)
+
+
+def test_val_and_test_are_the_balanced_upper_bounds_too():
+    # the upper bound rebuilds the dataset with profile none (5,000 per class) and requires the same val and test
+    lt, balanced = _build(_preset()), _build(_preset(profile="none"))
+    assert balanced.train_counts == [5000] * 10
+    for split in ("val", "test"):
+        assert np.array_equal(lt.splits[split].ids, balanced.splits[split].ids)
+    assert not set(balanced.splits["train"].ids.tolist()) & set(lt.splits["val"].ids.tolist())
+    assert set(lt.splits["train"].ids.tolist()) <= set(balanced.splits["train"].ids.tolist())  # LDAM-DRW's prefixes

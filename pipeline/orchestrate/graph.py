@@ -8,15 +8,31 @@ expanded) from ``dvc.repo.Repo(root).index.graph``, an internal networkx graph: 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 
 def _stage_name(stage: Any) -> str:
     """DVC's ``stage.addressing`` as seen from the repo root (``addressing`` itself is relative to the CWD)."""
     path = stage.path_in_repo.replace(os.sep, "/")
     return stage.name if path == "dvc.yaml" else f"{path}:{stage.name}"
+
+
+def _graph(repo: Any) -> dict[str, list[str]]:
+    import networkx as nx
+
+    graph = repo.index.graph
+    stages = [s for s in graph.nodes if getattr(s, "cmd", None)]
+    upstream = {
+        _stage_name(s): sorted(_stage_name(u) for u in graph.successors(s) if getattr(u, "cmd", None)) for s in stages
+    }
+    # Upstream first; ties broken by name so runs are reproducible.
+    order = [_stage_name(s) for s in nx.lexicographical_topological_sort(graph.reverse(copy=True), key=_stage_name)]
+    return {name: upstream[name] for name in order if name in upstream}
 
 
 def stage_graph(repo_root: str | os.PathLike[str]) -> dict[str, list[str]]:
@@ -30,19 +46,43 @@ def stage_graph(repo_root: str | os.PathLike[str]) -> dict[str, list[str]]:
     Returns:
         ``{stage name (DVC's addressing from the repo root): sorted upstream stage names}``, upstream first.
     """
-    import networkx as nx
     from dvc.repo import Repo
 
     with Repo(os.fspath(repo_root)) as repo:
-        graph = repo.index.graph
-        stages = [s for s in graph.nodes if getattr(s, "cmd", None)]
-        upstream = {
-            _stage_name(s): sorted(_stage_name(u) for u in graph.successors(s) if getattr(u, "cmd", None))
-            for s in stages
-        }
-        # Upstream first; ties broken by name so runs are reproducible.
-        order = [_stage_name(s) for s in nx.lexicographical_topological_sort(graph.reverse(copy=True), key=_stage_name)]
-    return {name: upstream[name] for name in order if name in upstream}
+        return _graph(repo)
+
+
+def stages_to_run(
+    repo_root: str | os.PathLike[str], targets: Iterable[str] = ()
+) -> tuple[dict[str, list[str]], set[str] | None]:
+    """The graph of ``targets`` (:func:`select_stages`) and which of its stages need a ``dvc repro`` process.
+
+    One pass over the graph in this process, upstream first: a stage needs one when an upstream stage does (its
+    inputs may change; if they come out identical, DVC skips it then) or when DVC's own test says it changed
+    (``Stage.changed()``, what ``dvc repro`` asks before running a stage: command, deps, params or outputs, a missing
+    output included, which the run cache may restore). ``Stage.changed`` is internal to DVC (pinned to 3.67.1;
+    ``tests/pipeline/test_orchestrate_noop.py`` guards it).
+
+    Returns:
+        ``(graph, stages to run)``; ``None`` instead of the set when DVC could not be asked (a lock held by another
+        DVC process, an unexpected error): then every stage should be handed to ``dvc repro``, which decides.
+    """
+    from dvc.repo import Repo
+
+    with Repo(os.fspath(repo_root)) as repo:
+        graph = select_stages(_graph(repo), targets)
+        try:
+            stages = {_stage_name(s): s for s in repo.index.stages if getattr(s, "cmd", None)}
+            run: set[str] = set()
+            with repo.lock:
+                for name, ups in graph.items():
+                    if any(up in run for up in ups) or stages[name].changed():
+                        run.add(name)
+        except Exception as exc:  # noqa: BLE001 - any failure means: let dvc repro decide, as before
+            logger.warning("Could not check which stages changed (%s: %s); every stage goes to dvc repro",
+                           type(exc).__name__, exc)
+            return graph, None
+    return graph, run
 
 
 def find_stage(repo: Any, name: str) -> Any:

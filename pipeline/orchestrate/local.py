@@ -6,6 +6,11 @@ scheduler and the same stage execution as the flow (:mod:`pipeline.orchestrate.e
 ``concurrent.futures.ThreadPoolExecutor``, and prints to the terminal. The threads only wait on ``dvc``
 subprocesses, so threads are enough (ECOSYSTEM.md §2.1).
 
+Before any process starts, one pass over the graph in this process asks DVC which stages changed
+(:func:`pipeline.orchestrate.graph.stages_to_run`): a stage that is up to date, with every upstream stage up to date,
+is reported ``skipped`` without a ``dvc repro`` process (a process costs about a second of start-up), so a run with
+nothing to do costs about what a no-op ``dvc repro`` does (benchmarks/README.md).
+
 Every output line of a stage is prefixed with ``[stage] ``, its start and end are printed with the elapsed time, and
 the run ends with one ``name  ran|skipped`` line per stage and a summary. A failed stage makes the runner start
 nothing new, let the running stages finish, print a one-line error on stderr and exit with status 1.
@@ -36,7 +41,7 @@ from pipeline.orchestrate.execution import (
     run_stage_retrying,
     threads_per_stage,
 )
-from pipeline.orchestrate.graph import select_stages, stage_graph
+from pipeline.orchestrate.graph import select_stages, stage_graph, stages_to_run
 from pipeline.tracking import find_repo_root, init_store, tracking_enabled
 
 logger = logging.getLogger(__name__)
@@ -71,18 +76,33 @@ def run_local(
     root = os.fspath(Path(repo_root).resolve())
     for msg in clear_stale_locks(root):
         log.warning("Cleared stale DVC lock: %s", msg)
-    graph = select_stages(stage_graph(root), targets)
+    if force:
+        graph, run = select_stages(stage_graph(root), targets), None
+    else:
+        graph, run = stages_to_run(root, targets)
+    run = set(graph) if run is None else run
+    up_to_date = [name for name in graph if name not in run]
     log.info("%d stage(s) to check: %s", len(graph), ", ".join(graph))
-    if tracking_enabled():
+    if up_to_date:
+        log.info("%d stage(s) up to date, skipped without a dvc process: %s", len(up_to_date), ", ".join(up_to_date))
+    # The stages to run, with only their upstream stages that run too (the others are done already).
+    to_run = {name: [up for up in ups if up in run] for name, ups in graph.items() if name in run}
+    if to_run and tracking_enabled():
         init_store(root)  # create the SQLite store before stages open it in parallel (ECOSYSTEM.md §4)
     threads = threads_per_stage(max_parallel)
+    skipped: dict[str, StageStatus] = dict.fromkeys(up_to_date, "skipped")
     with concurrent.futures.ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="stage") as pool:
 
         def submit(name: str, upstream: list[concurrent.futures.Future[StageStatus]]) -> concurrent.futures.Future:
             # Upstream futures have all succeeded when the scheduler submits; nothing to wait for here.
             return pool.submit(run_stage_retrying, name, root, force=force, threads=threads, log=log)
 
-        return run_graph(graph, submit, concurrent.futures.as_completed, max_parallel)
+        try:
+            ran = run_graph(to_run, submit, concurrent.futures.as_completed, max_parallel) if to_run else {}
+        except GraphFailedError as exc:
+            exc.completed = {n: {**skipped, **exc.completed}[n] for n in graph if n in skipped or n in exc.completed}
+            raise
+    return {name: {**skipped, **ran}[name] for name in graph}
 
 
 @contextlib.contextmanager

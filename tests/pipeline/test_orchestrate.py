@@ -414,7 +414,7 @@ def test_runner_initialises_tracking_store_before_any_stage(toy_repo, first_run,
     monkeypatch.setattr(local, "tracking_enabled", lambda: True)
     monkeypatch.setattr(local, "init_store", lambda root: calls.append(("init", Path(root))))
     monkeypatch.setattr(execution, "run_stage", lambda stage, root, **kw: calls.append((stage, kw)) or "skipped")
-    assert local.run_local(toy_repo, targets=["total"]) == dict.fromkeys(
+    assert local.run_local(toy_repo, targets=["total"], force=True) == dict.fromkeys(
         ["source", "square@a", "square@b", "total"], "skipped"
     )
     assert calls[0] == ("init", toy_repo.resolve()) and [c[0] for c in calls].count("init") == 1

@@ -109,8 +109,11 @@ def _trained_head(cfg: RebalanceConfig, src: Network) -> Network:
 
 
 def rebalance(cfg: RebalanceConfig, ctx: BuildContext, out_dir: Path, checkpoint_dir: Path,
-              tracker: Any = None) -> dict:
-    """Rebalance ``cfg.model`` with ``cfg.method``; write ``out_dir`` atomically; return its metrics."""
+              tracker: Any = None, timings_path: Path | None = None) -> dict:
+    """Rebalance ``cfg.model`` with ``cfg.method``; write ``out_dir`` atomically; return its metrics.
+
+    ``timings_path``: where a trained head's wall times go (``pipeline.tracking.write_timings``).
+    """
     src_dir = model_dir(ctx, cfg.model)
     src = load_network(src_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)  # a declared out, also for the methods that train nothing
@@ -124,4 +127,4 @@ def rebalance(cfg: RebalanceConfig, ctx: BuildContext, out_dir: Path, checkpoint
                                  extra_hash={"model": cfg.model, "method": cfg.method, "update_bn": cfg.update_bn,
                                              "source": hashlib.sha256((src_dir / "model.pt").read_bytes()).hexdigest()})
     extra = {"tau": float(method.network.head.tau.detach())} if cfg.method == "tau_norm" else {}
-    return write_outputs(method, trainer, ctx, out_dir, device, tracker, extra)
+    return write_outputs(method, trainer, ctx, out_dir, device, tracker, extra, timings_path=timings_path)

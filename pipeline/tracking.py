@@ -49,6 +49,9 @@ from typing import Any, Literal, Protocol, Self, runtime_checkable
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # Never let model logging ask a package index about the model's requirements (``pip install --dry-run``): no network.
 os.environ.setdefault("MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK", "true")
+# Logging a model downloads it back from the local artifact store to validate its input example, drawing two
+# "Downloading artifacts" progress bars per model into the stage log (mlflow's documented switch; a user's value wins).
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +72,27 @@ _FALLBACK_MAX_PARAM_LEN = 500  # mlflow < 2.x limit; the installed limit is read
 _KEY_BAD_CHARS = re.compile(r"[^\w\-. /:]")  # mlflow keys: alphanumerics, _ - . space / :
 
 RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
+# mlflow.pytorch warns on every model saved with ``serialization_format="pickle"``, which ``MLflowTracker.log_model``
+# chooses deliberately (see there; the project's own files never unpickle code): nothing a user can act on.
+_PICKLE_WARNING = "Saving pytorch model by Pickle or CloudPickle format"
+
+
+class _DropMessages(logging.Filter):
+    """A logger filter that drops records whose message starts with one of ``prefixes`` (and nothing else)."""
+
+    def __init__(self, *prefixes: str) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+def _quiet_pickle_warning() -> None:
+    """Drop mlflow's pickle-format warning (only that message) from the ``mlflow.pytorch`` logger, once."""
+    log = logging.getLogger("mlflow.pytorch")
+    if not any(isinstance(f, _DropMessages) for f in log.filters):
+        log.addFilter(_DropMessages(_PICKLE_WARNING))
 
 
 @runtime_checkable
@@ -530,6 +554,7 @@ class MLflowTracker(_ContextMixin):
         from mlflow.models import infer_signature
         from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
+        _quiet_pickle_warning()
         started = time.perf_counter()
         model_dir = Path(model_dir)
         extra_files = [str(model_dir / f) for f in ("model.json", "model.pt") if (model_dir / f).is_file()]
@@ -633,6 +658,21 @@ def run_tags_from_env() -> dict[str, str]:
         logger.warning("Ignoring %s: not a JSON object: %r", RUN_TAGS_ENV, text[:200])
         return {}
     return {str(k): str(v) for k, v in tags.items()}
+
+
+def write_timings(path: str | os.PathLike[str] | None, timings: Mapping[str, Any]) -> None:
+    """Write a stage execution's wall times as JSON to ``path`` (None: nowhere), atomically.
+
+    Timings differ on every run, so they never go into a DVC output: there they would change its hash on an
+    identical rerun and rerun everything downstream. The stage CLIs write ``data/timings/<stage>.json``
+    (``stages._cli.timings_path``), which no stage reads and DVC does not track; the same numbers go to the MLflow run.
+    """
+    if path is None:
+        return
+    from pipeline.io import write_json
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, dict(timings))
 
 
 def tracking_enabled() -> bool:

@@ -41,9 +41,10 @@ def build_balanced(dataset: DatasetConfig, lt_dir: Path, out_dir: Path) -> None:
 
 
 def train_upper_bound(dataset: DatasetConfig, name: str, recipe: TrainConfig, lt_dir: Path, out_root: Path,
-                      checkpoint_dir: Path, tracker: Any = None) -> dict | None:
-    """Build the balanced dataset under ``out_root/dataset`` and train ``recipe`` on it into ``out_root/<name>``."""
+                      checkpoint_dir: Path, tracker: Any = None, timings_path: Path | None = None) -> dict | None:
+    """Build the balanced dataset under ``out_root/dataset`` and train ``recipe`` on it into ``out_root/<name>``
+    (wall times to ``timings_path``, see ``pipeline.tracking.write_timings``)."""
     bal_dir = out_root / "dataset"
     build_balanced(dataset, lt_dir, bal_dir)
     ctx = BuildContext(dataset_dir=bal_dir, data_root=out_root.parent, dataset=dataset)
-    return train_and_export(recipe, ctx, out_root / name, checkpoint_dir, tracker)
+    return train_and_export(recipe, ctx, out_root / name, checkpoint_dir, tracker, timings_path=timings_path)

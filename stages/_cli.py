@@ -15,6 +15,9 @@ DATA = Path("data")
 DATASET_DIR = DATA / "dataset"
 CHECKPOINTS = Path("checkpoints")
 SEEDS = "seeds"  # seed replica k > 0 lives under data/seeds/<k>/ and checkpoints/seeds/<k>/
+# Wall times of each stage execution, one JSON file per DVC stage (``data/timings/teacher@ce.json``). Not a DVC output
+# and read by no stage: a rerun that writes identical outputs then changes nothing DVC hashes (they also go to MLflow).
+TIMINGS = DATA / "timings"
 
 # Errors a user can fix from the message alone: printed as one line, exit code 2, no traceback. ValueError covers
 # ConfigError and SourceError; FloatingPointError the Trainer's NonFiniteLossError (a NaN/Inf loss); UnpicklingError
@@ -76,17 +79,29 @@ def checkpoint_root(seed: int = 0) -> Path:
     return CHECKPOINTS if seed == 0 else CHECKPOINTS / SEEDS / str(seed)
 
 
+def stage_name(kind: str, name: str | None, seed: int = 0) -> str:
+    """The DVC stage ``<kind>@<name>`` (``<kind>`` without a name), or its seed replica K ``<kind>_seed@<name>-K``
+    (``<kind>_seed@K`` without a name)."""
+    if seed:
+        return f"{kind}_seed@{seed}" if name is None else f"{kind}_seed@{name}-{seed}"
+    return kind if name is None else f"{kind}@{name}"
+
+
+def timings_path(kind: str, name: str | None, seed: int = 0) -> Path:
+    """``data/timings/<stage>.json``: where the stage writes its wall times (outside every DVC output)."""
+    return TIMINGS / f"{stage_name(kind, name, seed)}.json"
+
+
 def stage_tracker(kind: str, name: str | None, seed: int, tags: dict[str, str], run: str | None = None):
     """The MLflow run of DVC stage ``<kind>@<name>`` (``<kind>`` without a name), or of its seed replica K
     (``<kind>_seed@<name>-K``, run name ``<run>-seedK``), tagged ``seed_replica``; ``run`` defaults to
     ``<kind>-<name>``."""
     from pipeline.tracking import create_tracker
 
-    stage = kind if name is None else f"{kind}@{name}"
     run = run or f"{kind}-{name}"
     if seed:
-        stage, run = (f"{kind}_seed@{seed}" if name is None else f"{kind}_seed@{name}-{seed}"), f"{run}-seed{seed}"
-    return create_tracker(stage, run, {**tags, "seed_replica": str(seed)})
+        run = f"{run}-seed{seed}"
+    return create_tracker(stage_name(kind, name, seed), run, {**tags, "seed_replica": str(seed)})
 
 
 def build_context(seed: int = 0):
@@ -117,7 +132,8 @@ def train_stage(section: str, kind: str, args: argparse.Namespace) -> None:
             if tracker is not None:
                 tracker.log_params(as_dict(cfg))
             train_and_export(cfg, ctx, ctx.data_root / section / args.name,
-                             checkpoint_root(seed) / section / args.name, tracker, stop)
+                             checkpoint_root(seed) / section / args.name, tracker, stop,
+                             timings_path=timings_path(kind, args.name, seed))
     finally:
         distributed.teardown()
 

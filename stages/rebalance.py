@@ -1,6 +1,14 @@
 """DVC stage ``rebalance@<model>-<method>``: cRT, LWS, NCM or τ-normalisation of a trained model."""
 
-from stages._cli import build_context, checkpoint_root, name_parser, offset_seed, run, stage_tracker
+from stages._cli import (
+    build_context,
+    checkpoint_root,
+    name_parser,
+    offset_seed,
+    run,
+    stage_tracker,
+    timings_path,
+)
 
 
 def main(args) -> None:
@@ -16,7 +24,7 @@ def main(args) -> None:
     tags = {"model": args.name, "method": cfg.method, "source_model": cfg.model, "dataset": ctx.dataset.name}
     with stage_tracker("rebalance", args.name, args.seed, tags) as tracker:
         tracker.log_params(as_dict(cfg))
-        summary = rebalance(cfg, ctx, out, checkpoints, tracker)
+        summary = rebalance(cfg, ctx, out, checkpoints, tracker, timings_path("rebalance", args.name, args.seed))
         tracker.log_metrics({f"test/{k}": v for k, v in summary["test"]["main"].items() if v == v})
         if "tau" in summary:
             tracker.log_params({"chosen_tau": summary["tau"]})

@@ -10,6 +10,7 @@ from stages._cli import (
     offset_seed,
     run,
     stage_tracker,
+    timings_path,
 )
 
 
@@ -27,7 +28,8 @@ def main(args: argparse.Namespace) -> None:
     with stage_tracker("upper_bound", None, args.seed, tags, run=f"upper_bound-{cfg.recipe}") as tracker:
         tracker.log_params(as_dict(recipe))
         train_upper_bound(dataset, cfg.recipe, recipe, DATASET_DIR, data_root(args.seed) / "upper_bound",
-                          checkpoint_root(args.seed) / "upper_bound", tracker)
+                          checkpoint_root(args.seed) / "upper_bound", tracker,
+                          timings_path("upper_bound", None, args.seed))
 
 
 if __name__ == "__main__":

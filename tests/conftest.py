@@ -123,6 +123,14 @@ def make_train_config() -> Callable[..., object]:
     return make
 
 
+def with_reads(params: dict) -> dict:
+    """``params`` with its ``reads`` section (dvc.yaml's deps slots) derived again from its entries, as composing
+    ``conf/`` derives it: a test that edits the composed entries must not keep the stale slots."""
+    from pipeline.compose import stage_reads
+
+    return {**params, "reads": stage_reads(params)} if params else params
+
+
 @pytest.fixture(scope="session")
 def copy_repo() -> Callable[[Path, dict], Path]:
     """``copy_repo(dst, params)``: the working tree (tracked and untracked, not ignored files) copied to ``dst`` as
@@ -143,6 +151,7 @@ def copy_repo() -> Callable[[Path, dict], Path]:
                 shutil.copy2(root / f, dst / f)
         (dst / "dvc.lock").unlink(missing_ok=True)
         subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
+        params = with_reads(params)
         (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         return dst
 

@@ -5,10 +5,17 @@ A run with overrides must not leave them behind: applied in the workspace, they 
 pool) happens in an **isolated worktree**:
 
 1. the git revision is pinned: ``git rev-parse HEAD`` of the workspace, refused when tracked files are modified
-   (an uncommitted change would silently not be part of the run; commit or stash it);
+   (an uncommitted change would silently not be part of the run; commit or stash it). Files that runs themselves
+   write (:func:`run_written`: ``dvc.lock``, tracked stage outputs such as metrics) do not count: a local run (``make
+   run``) rewrites ``dvc.lock`` whenever its results differ in a bit from the committed ones (another CPU), and that
+   must not block the next run with overrides;
 2. ``git worktree add --detach .dvc/tmp/runs/<name> <rev>`` (shares the object store and refs with the workspace, so
    an experiment saved there is the workspace's experiment) with the workspace's DVC cache as its cache
-   (``cache.dir``; nothing is recomputed or stored twice) and ``.dvc/config.local`` (remotes, credentials);
+   (``cache.dir``; nothing is recomputed or stored twice) and ``.dvc/config.local`` (remotes, credentials). The code,
+   ``conf/`` and ``params.yaml`` are the commit's; the workspace's ``dvc.lock`` (the record of the results a local
+   run of that same commit left in the cache) replaces the commit's, so the stages the overrides do not touch are
+   skipped rather than redone: DVC still checks every entry's dependencies (code, params, inputs) against the
+   worktree's files and reruns any stage whose entry does not match them;
 3. the workspace's outputs kept outside the cache (``persist``/``cache: false``: resumable checkpoints, reports) are
    copied in, as ``dvc exp run -C`` would, and the cached ones checked out, so stages the overrides do not touch are
    "didn't change, skipping" instead of rerunning;
@@ -67,17 +74,43 @@ def experiment_name(text: str) -> str:
 
 def dirty_tracked_files(root: str | os.PathLike[str]) -> list[str]:
     """Tracked files modified (staged or not) relative to ``HEAD``; untracked files are not listed."""
-    out = _git(root, "status", "--porcelain", "--untracked-files=no")
-    return [line[3:] for line in out.splitlines() if line.strip()]
+    out = _git(root, "-c", "core.quotePath=false", "status", "--porcelain", "--untracked-files=no")
+    return [line[3:].split(" -> ")[-1] for line in out.splitlines() if line.strip()]
+
+
+def _stage_outputs(root: str | os.PathLike[str]) -> list[str]:
+    """Every declared stage output of the repository at ``root`` (paths relative to it)."""
+    from dvc.repo import Repo
+
+    with Repo(os.fspath(root)) as repo:
+        base = Path(repo.root_dir)
+        return sorted({Path(out.fs_path).relative_to(base).as_posix() for stage in repo.index.stages
+                       for out in getattr(stage, "outs", [])})
+
+
+def run_written(root: str | os.PathLike[str], files: Iterable[str]) -> list[str]:
+    """The ``files`` (relative to ``root``) that pipeline runs write themselves: ``dvc.lock`` files and declared stage
+    outputs (metrics, plots, reports that a repository tracks in git). They record a run's results, not its inputs."""
+    files = list(files)
+    rest = [f for f in files if Path(f).name != "dvc.lock"]
+    outs = _stage_outputs(root) if rest else []
+    under = {f for f in rest if any(f == o or f.startswith(f"{o.rstrip('/')}/") for o in outs)}
+    return [f for f in files if Path(f).name == "dvc.lock" or f in under]
 
 
 def pin_revision(root: str | os.PathLike[str]) -> str:
     """``git rev-parse HEAD`` of ``root``, refusing a tree whose tracked files differ from it.
 
+    Files the runs write (:func:`run_written`: ``dvc.lock``, tracked stage outputs) may differ: a local run leaves
+    them modified whenever its results differ from the committed ones, and an isolated run never reads them as input.
+
     Raises:
-        DirtyTreeError: tracked files are modified; the message lists them and says what to do.
+        DirtyTreeError: tracked files other than those are modified; the message lists them and says what to do.
     """
     dirty = dirty_tracked_files(root)
+    if dirty:
+        written = set(run_written(root, dirty))
+        dirty = [f for f in dirty if f not in written]
     if dirty:
         shown = ", ".join(dirty[:10]) + (f" and {len(dirty) - 10} more" if len(dirty) > 10 else "")
         raise DirtyTreeError(
@@ -148,8 +181,9 @@ def _copy_path(src: Path, dst: Path) -> None:
 def isolated_worktree(root: str | os.PathLike[str], rev: str, name: str) -> Iterator[Path]:
     """A detached git worktree of ``rev`` under ``<root>/.dvc/tmp/runs/<name>``, sharing ``root``'s DVC cache.
 
-    Copies ``.dvc/config.local`` and the workspace's uncached outputs in, checks out the cached outputs the
-    committed ``dvc.lock`` names (missing ones are skipped), and removes the worktree on exit (also on an error).
+    Copies ``.dvc/config.local``, the workspace's ``dvc.lock`` when it differs from the commit's (see the module
+    docstring) and the workspace's uncached outputs in, checks out the cached outputs that ``dvc.lock`` names
+    (missing ones are skipped), and removes the worktree on exit (also on an error).
 
     Args:
         root: the user's repository root (the workspace).
@@ -171,6 +205,9 @@ def isolated_worktree(root: str | os.PathLike[str], rev: str, name: str) -> Iter
         with Repo(os.fspath(root)) as repo:
             cache_dir = repo.cache.local_cache_dir
         _dvc(path, "config", "--local", "cache.dir", os.fspath(cache_dir))
+        for rel in _workspace_locks(root, path):
+            shutil.copy2(root / rel, path / rel)
+            logger.info("Using the workspace's %s (results of a local run of the same commit)", rel)
         for rel in uncached_outputs(path):
             _copy_path(root / rel, path / rel)
         checkout = _dvc(path, "checkout", "--allow-missing", check=False)
@@ -180,6 +217,20 @@ def isolated_worktree(root: str | os.PathLike[str], rev: str, name: str) -> Iter
         yield path
     finally:
         _remove_worktree(root, path)
+
+
+def _workspace_locks(root: Path, worktree: Path) -> list[str]:
+    """The workspace's ``dvc.lock`` files (beside the tracked ``dvc.yaml`` files, as relative paths) that differ from
+    the worktree's or that it lacks."""
+    found = []
+    for yaml_file in _git(root, "ls-files", "-z", "--", ":(glob)**/dvc.yaml").split("\0"):
+        if not yaml_file:
+            continue
+        rel = Path(yaml_file).with_name("dvc.lock")
+        src, dst = root / rel, worktree / rel
+        if src.is_file() and not (dst.is_file() and dst.read_bytes() == src.read_bytes()):
+            found.append(rel.as_posix())
+    return found
 
 
 def _remove_worktree(root: Path, path: Path) -> None:

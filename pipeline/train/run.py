@@ -2,6 +2,11 @@
 
 ``out_dir`` receives ``model.pt``, ``model.json``, ``metrics.json``, ``history.json``, ``predictions.npz`` and
 ``features.npz`` atomically; the resumable checkpoint lives in ``checkpoint_dir`` (a persistent, uncached DVC out).
+
+Every file in ``out_dir`` (and the checkpoint) is a function of the inputs: the same inputs on the same machine and
+thread count give the same bytes, so DVC sees an identical rerun as unchanged and reruns nothing downstream. Wall
+times are run-specific: they go to the tracker (``epoch_time_s`` per epoch, ``train_time_s``, ``export_time_s``) and
+to ``timings_path`` (a JSON file outside every DVC output), never into ``out_dir``.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from pipeline.evaluate.metrics import shot_accuracy
 from pipeline.evaluate.predict import dump_model_outputs, run_over
 from pipeline.io import atomic_dir, write_json
 from pipeline.models.network import save_network
+from pipeline.tracking import write_timings
 from pipeline.train import distributed
 from pipeline.train.checkpoint import code_fingerprint, config_hash, state_digest
 from pipeline.train.method import Method
@@ -90,8 +96,12 @@ def fit_method(method: Method, cfg: TrainConfig, ctx: BuildContext, checkpoint_d
 
 
 def write_outputs(method: Method, trainer: Trainer, ctx: BuildContext, out_dir: Path, device: torch.device,
-                  tracker: Any, extra: dict | None = None) -> dict:
-    """Write the trained model's files into ``out_dir`` atomically; return its metrics."""
+                  tracker: Any, extra: dict | None = None, timings_path: Path | None = None) -> dict:
+    """Write the trained model's files into ``out_dir`` atomically; return its metrics.
+
+    The wall times of this call (the epochs it trained, the export) go to the tracker and to ``timings_path`` when
+    given (``pipeline.tracking.write_timings``), not into ``out_dir``.
+    """
     d = ctx.dataset
     t0 = time.perf_counter()
     with atomic_dir(out_dir) as tmp:
@@ -105,12 +115,16 @@ def write_outputs(method: Method, trainer: Trainer, ctx: BuildContext, out_dir: 
         metrics = dump_model_outputs(method.predict, net.forward_features, loaders, device, tmp, ctx.class_counts,
                                      d.many, d.few)
         summary = {"heads": list(method.head_names), "test": metrics.get("test", {}), "val": metrics.get("val", {}),
-                   "epochs": len(trainer.history), "train_time_s": sum(h["epoch_time_s"] for h in trainer.history),
-                   **(extra or {})}
+                   "epochs": len(trainer.history), **(extra or {})}
         write_json(tmp / "metrics.json", summary)
         write_json(tmp / "history.json", trainer.history)
-    logger.info("wrote %s in %.1fs", out_dir, time.perf_counter() - t0)
+    export_time = time.perf_counter() - t0
+    logger.info("wrote %s in %.1fs", out_dir, export_time)
+    timings = {"train_time_s": sum(trainer.epoch_times.values()), "export_time_s": export_time,
+               "epochs_trained": len(trainer.epoch_times)}
+    write_timings(timings_path, {**timings, "epoch_time_s": {str(e): t for e, t in trainer.epoch_times.items()}})
     if tracker is not None:
+        tracker.log_metrics({k: v for k, v in timings.items() if k != "epochs_trained"}, step=summary["epochs"])
         t0, cpu0 = time.perf_counter(), time.process_time()
         main = method.head_names[0]
         step = summary["epochs"]  # after the last epoch: the step of the final metrics and of the logged model
@@ -150,8 +164,11 @@ def _input_example(loader: Any, max_values: int = 16_384) -> np.ndarray | None:
 
 
 def train_and_export(cfg: TrainConfig, ctx: BuildContext, out_dir: Path, checkpoint_dir: Path, tracker: Any = None,
-                     stop_after_epochs: int | None = None) -> dict | None:
+                     stop_after_epochs: int | None = None, timings_path: Path | None = None) -> dict | None:
     """Build the Method from ``cfg``, train it (resuming), and write the outputs; None if stopped early.
+
+    ``timings_path``: where the run's wall times go (``pipeline.tracking.write_timings``); None = the tracker and the
+    log only.
 
     Under torchrun (``pipeline.train.distributed``) every rank trains; rank 0 alone writes the outputs and logs to
     the tracker (the others get None and wait at a barrier).
@@ -164,6 +181,7 @@ def train_and_export(cfg: TrainConfig, ctx: BuildContext, out_dir: Path, checkpo
     if not trainer.finished:
         logger.info("stopped after %d of %d epochs (checkpoint kept)", len(trainer.history), cfg.epochs)
         return None
-    summary = write_outputs(method, trainer, ctx, out_dir, device, tracker) if distributed.is_main() else None
+    summary = (write_outputs(method, trainer, ctx, out_dir, device, tracker, timings_path=timings_path)
+               if distributed.is_main() else None)
     distributed.barrier()  # the other ranks wait for rank 0's outputs
     return summary

@@ -6,6 +6,10 @@ updater's step over the method's ``training_step`` (under autocast, with a NaN/I
 ``on_after_update``. After each epoch: optional validation, metrics to the tracker, and an atomic checkpoint.
 Reseeding per epoch makes a run resumed at an epoch boundary bit-identical (on the CPU) to an uninterrupted one.
 
+``history`` (what the checkpoint and the exported ``history.json`` hold) is a function of the inputs only: the wall
+time of each epoch goes to the tracker (``epoch_time_s``) and to ``epoch_times``, never into the history, so a rerun
+with the same inputs writes byte-identical files and DVC stops the cascade there.
+
 Step-level resume (``checkpoint_every`` = N updates): every N-th update that does not end an epoch also writes the
 checkpoint, holding the position inside the epoch (batches done, step, the epoch's partial metric sums, the RNG
 states after that update, method and optimizer state). A resumed run selects the same epoch order
@@ -131,7 +135,8 @@ class Trainer:
         if config.checkpoint_every is not None and config.checkpoint_every < 0:
             raise ValueError(f"trainer checkpoint_every {config.checkpoint_every}; valid: None or 0 (every epoch), "
                              "or a number of updates >= 1")
-        self.history: list[dict[str, float]] = []
+        self.history: list[dict[str, float]] = []  # per-epoch metrics: deterministic (no wall times)
+        self.epoch_times: dict[int, float] = {}  # epoch → wall seconds, for the epochs this call trained
         self.best: dict[str, Any] | None = None
         self.start_epoch = 0
         self.start_batch = 0  # batches of ``start_epoch`` already done (a resume inside an epoch)
@@ -299,6 +304,7 @@ class Trainer:
         self._resume()
         if distributed.world_size() > 1:  # after the resume: every rank starts from the same weights
             self._ddp = distributed.wrap(self.method, self.device, sync_bn=self.cfg.sync_bn)
+        self._log_epoch_size()
         stop = self.cfg.epochs
         if self.cfg.stop_after_epochs is not None:
             stop = min(stop, self.start_epoch + self.cfg.stop_after_epochs)
@@ -308,15 +314,16 @@ class Trainer:
             if self.val_fn is not None:
                 self.method.eval()
                 metrics.update({f"val/{k}": v for k, v in self.val_fn(self.method).items()})
-            metrics["epoch_time_s"] = time.perf_counter() - t0
             self.history.append({"epoch": epoch, **metrics})
+            self.epoch_times[epoch] = time.perf_counter() - t0  # run-specific: tracker and log only
             if self.cfg.select == "best_val" and (self.best is None or metrics["val/acc"] > self.best["acc"]):
                 self.best = {"acc": metrics["val/acc"], "epoch": epoch,
                              "method": {k: v.detach().clone() for k, v in self.method.state_dict().items()}}
+            timed = {**metrics, "epoch_time_s": self.epoch_times[epoch]}
             if self.tracker is not None and distributed.is_main():
-                self.tracker.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=epoch)
+                self.tracker.log_metrics({k: v for k, v in timed.items() if math.isfinite(v)}, step=epoch)
             logger.info("epoch %d/%d %s", epoch + 1, self.cfg.epochs,
-                        " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
+                        " ".join(f"{k}={v:.4g}" for k, v in timed.items() if k != "epoch"))
             if self.cfg.checkpoint_path is not None and distributed.is_main():
                 save_checkpoint(self.cfg.checkpoint_path, self._state(epoch + 1))
         if stop == self.cfg.epochs and self.best is not None:
@@ -324,6 +331,18 @@ class Trainer:
             self.method.load_state_dict(self.best["method"])
         self.method.eval()
         return self.history
+
+    def _log_epoch_size(self) -> None:
+        """Say how many samples an epoch draws: a class-balanced sampler's epoch is not one pass over the training set
+        (classifier-balancing's class-aware epoch is ``max_c n_c · C`` samples, 2.6 passes at IF 10 with the exp
+        profile), which is why a cRT epoch on a frozen backbone can take longer than a CE epoch of the whole network."""
+        sampler, dataset = getattr(self.loader, "sampler", None), getattr(self.loader, "dataset", None)
+        if not hasattr(sampler, "shard_length") or not hasattr(dataset, "__len__") or not distributed.is_main():
+            return
+        sampler.set_epoch(self.start_epoch)
+        samples = sampler.shard_length() * distributed.world_size()
+        logger.info("an epoch draws %d samples (%s sampler) from %d training images (%.2f passes)", samples,
+                    type(sampler).__name__, len(dataset), samples / max(len(dataset), 1))
 
     @property
     def finished(self) -> bool:

@@ -22,6 +22,8 @@ import pytest
 import torch
 import yaml
 
+from tests.conftest import with_reads
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -82,7 +84,7 @@ def tiny_params(repo: Path, **overrides: object) -> dict:
 
 
 def write_params(repo: Path, params: dict) -> None:
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (repo / "params.yaml").write_text(yaml.safe_dump(with_reads(params), sort_keys=False))
 
 
 @pytest.fixture(scope="module")

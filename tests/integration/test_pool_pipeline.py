@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import with_reads
 from tests.integration.test_pipeline import tiny_params
 from tests.pipeline.conftest import TEST_ENV
 from tests.pipeline.test_pool import _experiments, _free_port
@@ -40,7 +41,7 @@ def test_pool_runs_the_pipeline_like_one_machine(tmp_path: Path, copy_repo) -> N
     repo = tmp_path / "repo"
     repo.mkdir()
     copy_repo(repo, {})
-    (repo / "params.yaml").write_text(yaml.safe_dump(_params(repo), sort_keys=False))
+    (repo / "params.yaml").write_text(yaml.safe_dump(with_reads(_params(repo)), sort_keys=False))
     env = {**os.environ, **TEST_ENV, "PATH": f"{Path(PY).parent}{os.pathsep}{os.environ['PATH']}",
            "PYTHONPATH": str(repo), "PYTHON": PY, "PREFECT_HOME": str(tmp_path / "prefect"),
            "PREFECT_PORT": str(_free_port()), "POOL_DIR": str(tmp_path / "pool"), "HF_HUB_OFFLINE": "1",

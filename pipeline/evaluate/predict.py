@@ -29,10 +29,17 @@ def run_over(loader: DataLoader, fn: Callable[[Tensor], dict[str, Tensor]], devi
     return {k: np.concatenate(v) for k, v in outs.items()}, np.concatenate(labels)
 
 
-def dump_model_outputs(predict: Callable[[Tensor], dict[str, Tensor]], embed: Callable[[Tensor], Tensor],
-                       loaders: dict[str, DataLoader | None], device: torch.device, out_dir: Path,
-                       train_counts: list[int], many: int, few: int) -> dict:
+def _joined(heads: dict[str, Tensor], features: Tensor) -> dict[str, Tensor]:
+    return {**heads, "__features": features}
+
+
+def dump_model_outputs(predict_and_embed: Callable[[Tensor], tuple[dict[str, Tensor], Tensor]],
+                       embed: Callable[[Tensor], Tensor], loaders: dict[str, DataLoader | None], device: torch.device,
+                       out_dir: Path, train_counts: list[int], many: int, few: int) -> dict:
     """Write ``predictions.npz`` (val/test logits per head), ``features.npz`` (train/val/test embeddings).
+
+    ``predict_and_embed(images)`` gives the logits per head and the features of a batch (``Method.predict_and_embed``:
+    one backbone pass where it can); the train split is only embedded.
 
     Returns:
         metrics: ``{split: {head: shot_accuracy}}`` for val and test.
@@ -47,7 +54,7 @@ def dump_model_outputs(predict: Callable[[Tensor], dict[str, Tensor]], embed: Ca
             out, labels = run_over(loader, lambda x: {"__features": embed(x)}, device, split)
             feats[split], feats[f"{split}_labels"] = out["__features"], labels
             continue
-        logits, labels = run_over(loader, lambda x: {**predict(x), "__features": embed(x)}, device, split)
+        logits, labels = run_over(loader, lambda x: _joined(*predict_and_embed(x)), device, split)
         feats[split], feats[f"{split}_labels"] = logits.pop("__features"), labels
         preds[f"{split}_labels"] = labels
         metrics[split] = {}

@@ -94,6 +94,17 @@ class Network(nn.Module):
         cls, dist = self.head(cls_tok), self.dist_head(dist_tok)
         return {"avg": (cls + dist) / 2, "cls": cls, "dist": dist}
 
+    def forward_heads_and_features(self, x: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """``forward_heads(x)`` and ``forward_features(x)`` from one pass through the backbone (the same numbers)."""
+        if not self.distilled:
+            f = self.forward_features(x)
+            return {"main": self.head(f)}, f
+        cls_tok, dist_tok = self.forward_tokens(x)
+        cls, dist = self.head(cls_tok), self.dist_head(dist_tok)
+        f = self.neck(cls_tok) if self.neck is not None else cls_tok
+        f = F.normalize(f, dim=1) if self.normalize_features else f
+        return {"avg": (cls + dist) / 2, "cls": cls, "dist": dist}, f
+
     def forward(self, x: Tensor) -> Tensor:
         if self.distilled:
             return self.forward_heads(x)["avg"]

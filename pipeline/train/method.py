@@ -72,6 +72,12 @@ class Method(nn.Module):
         """Feature vectors (B, D) of the exported network (what ``features.npz`` holds)."""
         return self.export().forward_features(images)
 
+    @torch.no_grad()
+    def predict_and_embed(self, images: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """``predict(images)`` and ``embed(images)``; a method whose heads are its network's overrides this with the
+        network's single pass (``Network.forward_heads_and_features``)."""
+        return self.predict(images), self.embed(images)
+
     def export(self) -> nn.Module:
         """The inference network (a :class:`pipeline.models.network.Network`) saved as ``model.pt``."""
         raise NotImplementedError

@@ -185,3 +185,23 @@ def test_load_does_not_need_the_pretrained_weights_again(tmp_path: Path) -> None
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(loaded(x), net(x))
+
+
+@pytest.mark.parametrize("spec", [
+    {"backbone": {"name": "cifar_resnet8"}, "head": {"name": "linear"}, "num_classes": 5},
+    {"backbone": {"name": "cifar_resnet8"}, "neck": {"dim": 16}, "head": {"name": "cosine", "scale": 20.0},
+     "normalize_features": True, "num_classes": 5},
+    {"backbone": {"name": "deit_lt_nano_patch8_32"}, "head": {"name": "linear"}, "dist_head": {"name": "linear"},
+     "num_classes": 5},
+], ids=["plain", "neck_normalized", "distilled"])
+def test_heads_and_features_in_one_pass_equal_the_two_passes(spec: dict) -> None:
+    # the export writes logits and features from one backbone pass: they must be the very numbers of the two calls
+    torch.manual_seed(0)
+    net = Network(spec).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        heads, features = net.forward_heads_and_features(x)
+        expected = net.forward_heads(x)
+        assert heads.keys() == expected.keys()
+        assert all(torch.equal(heads[k], expected[k]) for k in heads)
+        assert torch.equal(features, net.forward_features(x))

@@ -67,3 +67,7 @@ class CBD(Method):
 
     def export(self) -> Network:
         return self.network
+
+    @torch.no_grad()
+    def predict_and_embed(self, images: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        return self.network.forward_heads_and_features(images)  # one backbone pass for logits and features

@@ -53,3 +53,7 @@ class Decoupled(Method):
 
     def export(self) -> nn.Module:
         return self.network
+
+    @torch.no_grad()
+    def predict_and_embed(self, images: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        return self.network.forward_heads_and_features(images)  # one backbone pass for logits and features

@@ -206,3 +206,7 @@ class PaCo(Method):
 
     def export(self) -> Network:
         return self.network
+
+    @torch.no_grad()
+    def predict_and_embed(self, images: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        return self.network.forward_heads_and_features(images)  # one backbone pass for logits and features

@@ -57,8 +57,8 @@ def score_memory(cfg: MemoryConfig, student: TrainConfig, ctx: BuildContext, out
     loaders = {s: create_eval_loader(ctx, s, device=device, input_spec=net.spec.get("input")) for s in ("val", "test")}
     trained = {"network": state_digest(net), "branch": state_digest(method.branch)}
     with atomic_dir(out_dir) as tmp:
-        metrics = dump_model_outputs(method.predict_and_embed, net.forward_features, loaders, device, tmp, ctx.class_counts,
-                                     d.many, d.few)
+        metrics = dump_model_outputs(method.predict_and_embed, net.forward_features, loaders, device, tmp,
+                                     ctx.class_counts, d.many, d.few)
         summary = {"heads": list(method.head_names), "test": metrics.get("test", {}), "val": metrics.get("val", {}),
                    "model": f"students/{cfg.model}", "edits": edits, "memory_size": len(method.retriever),
                    "weights": trained}

@@ -112,8 +112,8 @@ def write_outputs(method: Method, trainer: Trainer, ctx: BuildContext, out_dir: 
         net.eval()
         loaders = {s: create_eval_loader(ctx, s, device=device, input_spec=net.spec.get("input"))
                    for s in ("train", "val", "test")}
-        metrics = dump_model_outputs(method.predict_and_embed, net.forward_features, loaders, device, tmp, ctx.class_counts,
-                                     d.many, d.few)
+        metrics = dump_model_outputs(method.predict_and_embed, net.forward_features, loaders, device, tmp,
+                                     ctx.class_counts, d.many, d.few)
         summary = {"heads": list(method.head_names), "test": metrics.get("test", {}), "val": metrics.get("val", {}),
                    "epochs": len(trainer.history), **(extra or {})}
         write_json(tmp / "metrics.json", summary)

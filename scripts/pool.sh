@@ -12,7 +12,10 @@
 #
 # Env: WORKERS (2), POOL (longtail), PREFECT_PORT (4200), POOL_DIR (<repo>/.dvc/tmp/pool: clones, logs),
 #      DVC_REMOTE_DIR ($POOL_DIR/remote; any existing default remote of the workspace is used instead),
-#      PYTHON (.venv/bin/python), PREFECT_HOME (<repo>/.prefect), OMP_NUM_THREADS (cores / WORKERS).
+#      PYTHON (.venv/bin/python), PREFECT_HOME (<repo>/.prefect), OMP_NUM_THREADS (cores / WORKERS),
+#      LONGTAIL_HEARTBEAT_S (30: a stage run's heartbeats), LONGTAIL_CRASH_AFTER_S (90: no heartbeat for this long and
+#      Prefect's automation marks the run Crashed; the pipeline run sends the stage again, crash_retries times),
+#      LONGTAIL_CHECKPOINT_STORE (<remote>/longtail-checkpoints: where stages push checkpoints to resume elsewhere).
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 WORKERS="${WORKERS:-2}"
 POOL="${POOL:-longtail}"
@@ -79,6 +82,8 @@ else
   echo "pool.sh: Prefect server up at $PREFECT_API_URL (UI: ${PREFECT_API_URL%/api})"
 fi
 
+# The stage deployment, with flow-run heartbeats, and the automation that marks a stage run Crashed when they stop
+# (a lost worker); both idempotent.
 "$PY" -m pipeline.flow deploy-stage --pool "$POOL"
 
 # One clone per worker, as on separate machines: its own checkout, its own DVC cache, the shared remote.
@@ -91,7 +96,7 @@ for i in $(seq "$WORKERS"); do
   (cd "$clone" && dvc remote add --local --force --default "$REMOTE_NAME" "$REMOTE_URL" \
      && dvc config --local core.analytics false)
   # --limit 1: a clone runs one stage at a time (each checks out the run's commit). PYTHONPATH: the flow's code
-  # is imported from the clone (the deployment's entrypoint is the module path pipeline.flow.longtail_stage).
+  # is imported from the clone (the deployment's entrypoint is the module path pipeline.flow.pool.longtail_stage).
   setsid env -C "$clone" LONGTAIL_WORKER_REPO="$clone" LONGTAIL_WORKER_NAME="worker-$i" PYTHONPATH="$clone" \
     OMP_NUM_THREADS="${OMP_NUM_THREADS:-$((CORES / WORKERS > 0 ? CORES / WORKERS : 1))}" \
     "$PY" -m prefect worker start --pool "$POOL" --type process --limit 1 --name "worker-$i" \

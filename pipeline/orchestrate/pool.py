@@ -14,8 +14,9 @@ repository with a DVC remote it shares with the submitting side. For each stage 
    carries the outputs kept out of the cache that are not ``persist`` (the ``evaluate`` reports and metrics);
 5. returns the stage's new ``dvc.lock`` entry, which downstream stages (and the submitting side's experiment) use.
 
-Outputs with ``persist: true, cache: false`` (resumable checkpoints) never leave the worker: ``dvc push`` skips
-uncached outputs, so a stage resumes only on the worker that started it, and nothing downstream reads them.
+Outputs with ``persist: true, cache: false`` (resumable checkpoints) are skipped by ``dvc push``; they reach the
+other workers through :mod:`pipeline.orchestrate.checkpoint_sync` instead (pushed after each write, fetched before a
+stage runs), so a stage whose worker was lost resumes elsewhere. Nothing downstream reads them.
 
 The dvc.lock entries travel as flow-run parameters and results (a Prefect artifact); the data only through the DVC
 remote. Nothing here imports prefect.

@@ -102,6 +102,16 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
         tmp.unlink(missing_ok=True)
         raise
     kill_point("checkpoint:saved", where)
+    _after_save(path)
+
+
+def _after_save(path: Path) -> None:
+    """Hook after each checkpoint write: a pool stage (``LONGTAIL_CHECKPOINT_PUSH`` set by its worker) also queues
+    it for a background push to the storage the workers share (:mod:`pipeline.orchestrate.checkpoint_sync`)."""
+    if os.environ.get("LONGTAIL_CHECKPOINT_PUSH"):
+        from pipeline.orchestrate.checkpoint_sync import push_later
+
+        push_later(path)
 
 
 def _reason(exc: BaseException) -> str:

@@ -1,4 +1,4 @@
-"""The Prefect flow over ``dvc.yaml`` (the only module that imports prefect).
+"""The Prefect flow over ``dvc.yaml`` (``pipeline.flow`` is the only package that imports prefect).
 
 The DAG is defined once, in ``dvc.yaml``; the engine lives in :mod:`pipeline.orchestrate` and knows nothing of
 Prefect. The flow reads DVC's resolved stage graph (:func:`pipeline.orchestrate.graph.stage_graph`) and hands it to the
@@ -10,9 +10,10 @@ A run with config overrides (Hydra grammar, as ``dvc exp run -S``) runs isolated
 (:mod:`pipeline.orchestrate.workspace`): in a temporary git worktree of the pinned ``HEAD``, saved as a DVC
 experiment, the workspace untouched. A run without overrides reproduces in the workspace, as ``make run`` does.
 ``executor="pool"`` sends each stage as a flow run of the deployment ``longtail-stage/run-stage``
-(:func:`longtail_stage`) to a Prefect ``process`` work pool, whose workers run it in their own clones with a shared
-DVC remote (:func:`run_graph_on_pool`; the steps without Prefect in :mod:`pipeline.orchestrate.pool`,
-docs/scale_out.md).
+(:func:`pipeline.flow.pool.longtail_stage`) to a Prefect ``process`` work pool, whose workers run it in their own
+clones with a shared DVC remote (:mod:`pipeline.flow.pool`: a stage whose worker was lost is found by Prefect's
+heartbeat automation, resubmitted and resumed from its last pushed checkpoint; the steps without Prefect in
+:mod:`pipeline.orchestrate.pool` and :mod:`pipeline.orchestrate.checkpoint_sync`, docs/scale_out.md).
 
 Each task runs ``dvc --wait-for-lock repro --single-item <stage>``
 (:func:`pipeline.orchestrate.execution.run_stage`). DVC alone decides what to skip: tasks use Prefect's ``NO_CACHE``
@@ -25,15 +26,15 @@ With MLflow tracking on, the flow opens a parent run and passes its id to every 
 CLI: ``python -m pipeline.flow run [-S key=value ...] [-t target ...] [--force] [-j N] [--executor local|pool]
 [--isolated | --in-workspace] [--name NAME]`` runs once (ephemeral Prefect unless ``PREFECT_API_URL`` is set);
 ``python -m pipeline.flow serve`` serves the deployment ``longtail-pipeline/longtail`` for the UI;
-``python -m pipeline.flow deploy-stage --pool POOL`` registers ``longtail-stage/run-stage`` on a work pool. Without
+``python -m pipeline.flow deploy-stage --pool POOL`` registers ``longtail-stage/run-stage`` on a work pool, with
+the automation that marks its runs ``Crashed`` when their heartbeats stop. Without
 Prefect, ``python -m pipeline.orchestrate run`` runs the same graph with the same scheduler.
 """
 
 import argparse
-import json
 import logging
 import os
-import socket
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -44,19 +45,28 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
 from pipeline.dvc_locks import clear_stale_locks
+from pipeline.flow.pool import (
+    CRASH_AFTER_S,
+    CRASH_RETRIES,
+    HEARTBEAT_S,
+    POOL_NAME,
+    STAGE_DEPLOYMENT,
+    deploy_stage,
+    longtail_stage,
+    run_graph_on_pool,
+)
 from pipeline.orchestrate import pool as pool_steps
 from pipeline.orchestrate.execution import (
     LOCK_RETRIES,
     LOCK_RETRY_DELAY_S,
-    StageFailedError,
+    GraphFailedError,
     StageLockError,
     StageStatus,
     run_graph,
     run_stage,
-    run_stage_retrying,
     threads_per_stage,
 )
-from pipeline.orchestrate.graph import select_stages, stage_graph, upstream_closure
+from pipeline.orchestrate.graph import select_stages, stage_graph
 from pipeline.orchestrate.overrides import apply_overrides
 from pipeline.orchestrate.workspace import (
     experiment_name,
@@ -72,14 +82,9 @@ logger = logging.getLogger(__name__)
 
 FLOW_NAME = "longtail-pipeline"
 DEPLOYMENT_NAME = "longtail"
-STAGE_FLOW_NAME = "longtail-stage"  # one DVC stage on a work-pool worker
-STAGE_DEPLOYMENT_NAME = "run-stage"
-STAGE_DEPLOYMENT = f"{STAGE_FLOW_NAME}/{STAGE_DEPLOYMENT_NAME}"
-POOL_NAME = "longtail"
-STAGE_RESULT_ARTIFACT = "dvc-stage-result"  # artifact type of a pool stage's result (its dvc.lock entry)
-POOL_POLL_S = 2.0
 Executor = Literal["local", "pool"]
 MAX_PARALLEL_LIMIT = 16  # threads of the flow's task runner; the scheduler keeps at most max_parallel in flight
+__all__ = ["longtail_pipeline", "longtail_stage", "deploy_stage", "repro_stage", "run_graph_on_pool", "main"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -134,96 +139,6 @@ def repro_stage(
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# One stage on a work-pool worker
-# --------------------------------------------------------------------------------------------------------------------
-def _worker_name(root: Path) -> str:
-    return os.environ.get("LONGTAIL_WORKER_NAME") or f"{socket.gethostname()}:{root}"
-
-
-@flow(name=STAGE_FLOW_NAME, validate_parameters=True, flow_run_name="{stage}")
-def longtail_stage(
-    stage: Annotated[str, Field(description="DVC stage to reproduce, e.g. `teacher@ce`.")],
-    rev: Annotated[str, Field(description="Git commit to check out (the triggering run pins it).")],
-    overrides: Annotated[list[str], Field(description="Hydra overrides composed into params.yaml.")] = [],  # noqa: B006
-    upstream_locks: Annotated[
-        dict[str, dict[str, Any]], Field(description="dvc.lock entries of the stages upstream (from their workers).")
-    ] = {},  # noqa: B006
-    pull: Annotated[list[str], Field(description="Stages whose outputs to `dvc pull` first (the inputs).")] = [],  # noqa: B006
-    force: bool = False,
-    parent_run_id: str | None = None,
-    tags: Annotated[dict[str, str], Field(description="MLflow tags of the stage's run (flow_run, dvc_exp).")] = {},  # noqa: B006
-) -> dict[str, Any]:
-    """Reproduce one DVC stage in this worker's clone (:mod:`pipeline.orchestrate.pool`): checkout ``rev``, compose
-    params, ``dvc pull`` the inputs, ``dvc repro --single-item``, ``dvc push`` the outputs and the run cache.
-
-    Returns:
-        ``{"stage", "status" ('ran' | 'skipped'), "lock" (the stage's dvc.lock entry), "worker", "repo"}``, also
-        recorded as an artifact of type ``dvc-stage-result`` on the flow run (how the submitting side reads it).
-    """
-    from prefect.artifacts import Artifact
-
-    log = get_run_logger()
-    root = pool_steps.worker_repo()
-    worker = _worker_name(root)
-    log.info("[%s] on worker %s (%s) at %s", stage, worker, root, rev[:12])
-    pool_steps.prepare_stage(root, rev, list(overrides), dict(upstream_locks), list(pull), log)
-    status = run_stage_retrying(
-        stage, root, force=force, parent_run_id=parent_run_id, env=stage_env(root, root, dict(tags)), pull=True, log=log
-    )
-    pool_steps.push_stage(root, stage, log)
-    result = {
-        "stage": stage,
-        "status": status,
-        "lock": pool_steps.lock_entry(root, stage),
-        "worker": worker,
-        "repo": str(root),
-    }
-    Artifact(
-        type=STAGE_RESULT_ARTIFACT,
-        data=result,
-        description=f"{stage}: {status} on {worker}; its dvc.lock entry (outputs pushed to the DVC remote)",
-    ).create()
-    return result
-
-
-def _stage_result(flow_run_id: Any) -> dict[str, Any]:
-    """The ``dvc-stage-result`` artifact a :func:`longtail_stage` run recorded."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterType
-
-    with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(
-                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
-                type=ArtifactFilterType(any_=[STAGE_RESULT_ARTIFACT]),
-            )
-        )
-    if not artifacts:
-        raise StageFailedError(f"Flow run {flow_run_id} completed without a {STAGE_RESULT_ARTIFACT} artifact")
-    data = artifacts[0].data
-    return json.loads(data) if isinstance(data, str) else dict(data)
-
-
-@task(cache_policy=NO_CACHE, task_run_name="pool:{stage}")
-def pool_stage(stage: str, parameters: dict[str, Any], deployment: str = STAGE_DEPLOYMENT) -> dict[str, Any]:
-    """Send one stage to the work pool as a flow run of ``deployment`` and wait for it (a subflow of this task).
-
-    Raises:
-        StageFailedError: the flow run did not complete (its logs are on the worker's flow run).
-    """
-    from prefect.deployments import run_deployment
-
-    run = run_deployment(deployment, parameters={"stage": stage, **parameters}, timeout=None, poll_interval=POOL_POLL_S)
-    state = run.state
-    if state is None or not state.is_completed():
-        raise StageFailedError(
-            f"{stage}: flow run {run.name} ({run.id}) of {deployment} ended "
-            f"{state.type.value if state else 'without a state'}: {state.message if state else ''}"
-        )
-    return _stage_result(run.id)
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # The flow
 # --------------------------------------------------------------------------------------------------------------------
 def _run_graph(
@@ -239,41 +154,6 @@ def _run_graph(
 
     def submit(name: str, upstream: list[PrefectFuture[StageStatus]]) -> PrefectFuture[StageStatus]:
         return repro_stage.submit(name, repo_root, force, parent_run_id, threads, env, wait_for=upstream)
-
-    return run_graph(graph, submit, as_completed, max_parallel)
-
-
-def run_graph_on_pool(
-    graph: dict[str, list[str]],
-    rev: str,
-    overrides: list[str],
-    force: bool,
-    max_parallel: int,
-    parent_run_id: str | None,
-    tags: dict[str, str],
-    deployment: str,
-) -> dict[str, dict[str, Any]]:
-    """The shared scheduler with one ``pool_stage`` task (a flow run on the work pool) per stage.
-
-    A stage is sent once its upstream flow runs completed, i.e. once their outputs are in the DVC remote; it gets
-    the dvc.lock entries of everything upstream of it (transitively) and pulls the outputs of its direct upstream
-    stages. ``max_parallel`` bounds the flow runs in flight; the workers' ``--limit`` bounds what each one runs.
-    """
-    futures: dict[str, PrefectFuture[dict[str, Any]]] = {}
-
-    def submit(name: str, upstream: list[PrefectFuture[dict[str, Any]]]) -> PrefectFuture[dict[str, Any]]:
-        locks = {up: futures[up].result()["lock"] for up in upstream_closure(graph, name)}
-        parameters = {
-            "rev": rev,
-            "overrides": overrides,
-            "upstream_locks": locks,
-            "pull": list(graph[name]),
-            "force": force,
-            "parent_run_id": parent_run_id,
-            "tags": tags,
-        }
-        futures[name] = pool_stage.submit(name, parameters, deployment, wait_for=upstream)
-        return futures[name]
 
     return run_graph(graph, submit, as_completed, max_parallel)
 
@@ -320,6 +200,11 @@ def longtail_pipeline(
     name: Annotated[
         str | None, Field(description="DVC experiment name of an isolated run; default: the flow run's name.")
     ] = None,
+    crash_retries: Annotated[
+        int,
+        Field(ge=0, le=10, description="pool: times a stage whose flow run crashed (its worker was lost) is "
+              "submitted again; it resumes from its last pushed checkpoint."),
+    ] = CRASH_RETRIES,
 ) -> dict[str, StageStatus]:
     """Reproduce the DVC pipeline (or ``targets``), one Prefect task per stage, independent stages in parallel.
 
@@ -336,6 +221,7 @@ def longtail_pipeline(
         isolated: run in a worktree of the pinned commit and save a DVC experiment (default: with overrides or
             on the pool); `False` with overrides applies them in the workspace (the old behaviour).
         name: the experiment's name; default: the flow run's name.
+        crash_retries: on the pool, how many times a stage whose flow run crashed (a lost worker) is sent again.
 
     Returns:
         ``{stage: 'ran' | 'skipped'}`` in execution order.
@@ -361,7 +247,8 @@ def longtail_pipeline(
         apply_overrides(root, list(overrides))  # only with isolated=False: the old, in-workspace behaviour
         tags = {"flow_run": run_name}
         graph = select_stages(stage_graph(root), targets)
-        return _drive(graph, root, None, tags, overrides, targets, force, max_parallel, executor, log)
+        return _drive(graph, root, None, tags, overrides, targets, force, max_parallel, executor, log,
+                      crash_retries=crash_retries)
 
     rev = pin_revision(root)
     exp = experiment_name(name or run_name)
@@ -370,7 +257,8 @@ def longtail_pipeline(
     with isolated_worktree(root, rev, exp) as worktree:
         apply_overrides(worktree, list(overrides))
         graph = select_stages(stage_graph(worktree), targets)
-        statuses = _drive(graph, root, worktree, tags, overrides, targets, force, max_parallel, executor, log, rev)
+        statuses = _drive(graph, root, worktree, tags, overrides, targets, force, max_parallel, executor, log, rev,
+                          crash_retries)
         committed = stages_with_outputs(worktree, graph)  # on a pool, checkpoints stay on the workers
         save_experiment(worktree, exp, committed or list(graph))
     log.info("Saved as DVC experiment %r: `dvc exp show`, `dvc exp apply %s`", exp, exp)
@@ -389,6 +277,7 @@ def _drive(
     executor: Executor,
     log: Any,
     rev: str | None = None,
+    crash_retries: int = CRASH_RETRIES,
 ) -> dict[str, StageStatus]:
     """Run ``graph`` with ``executor`` under one MLflow parent run, in ``worktree`` (isolated) or else ``root``."""
     run_root = worktree or root
@@ -426,6 +315,7 @@ def _drive(
                 parent,
                 tags,
                 os.environ.get("LONGTAIL_STAGE_DEPLOYMENT", STAGE_DEPLOYMENT),
+                crash_retries,
             )
             for name, result in results.items():
                 log.info("[%s] %s on %s", name, result["status"], result["worker"])
@@ -449,30 +339,6 @@ def _drive(
         "Ran %d stage(s)%s; %d up to date", len(ran), f" ({', '.join(ran)})" if ran else "", len(statuses) - len(ran)
     )
     return statuses
-
-
-def deploy_stage(pool: str = POOL_NAME, name: str = STAGE_DEPLOYMENT_NAME) -> str:
-    """Register the ``longtail-stage/<name>`` deployment on the ``process`` work pool ``pool`` (created if missing).
-
-    The entrypoint is the module path ``pipeline.flow.longtail_stage`` and there are no pull steps: a worker imports
-    the flow from its own clone (``PYTHONPATH``) and :func:`longtail_stage` checks out the pinned commit itself.
-    Needs ``PREFECT_API_URL`` of a running server. Returns the deployment's id.
-    """
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.deployments.runner import EntrypointType
-    from prefect.exceptions import ObjectAlreadyExists
-
-    with get_client(sync_client=True) as client:
-        try:
-            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
-            logger.info("Created work pool %s (process)", pool)
-        except ObjectAlreadyExists:
-            pass
-    deployment = longtail_stage.to_deployment(
-        name=name, work_pool_name=pool, entrypoint_type=EntrypointType.MODULE_PATH
-    )
-    return str(deployment.apply())
 
 
 def serve(name: str = DEPLOYMENT_NAME, limit: int | None = 1) -> None:
@@ -517,37 +383,51 @@ def main(argv: list[str] | None = None) -> int:
         help="apply -S overrides to the workspace's params.yaml and reproduce there (the old behaviour)",
     )
     run.add_argument("--name", default=None, help="experiment name of an isolated run (default: the flow run name)")
+    run.add_argument("--crash-retries", type=int, default=CRASH_RETRIES,
+                     help=f"pool: resubmissions of a stage whose worker was lost (default {CRASH_RETRIES})")
     srv = sub.add_parser("serve", help="serve the deployment for the Prefect UI (needs `prefect server start`)")
     srv.add_argument("--name", default=DEPLOYMENT_NAME, help=f"deployment name (default {DEPLOYMENT_NAME})")
     dep = sub.add_parser(
         "deploy-stage", help=f"register {STAGE_DEPLOYMENT} on a process work pool (needs `prefect server start`)"
     )
     dep.add_argument("--pool", default=POOL_NAME, help=f"work pool, created if missing (default {POOL_NAME})")
+    dep.add_argument("--heartbeat", type=int, default=int(os.environ.get("LONGTAIL_HEARTBEAT_S", HEARTBEAT_S)),
+                     help=f"seconds between a stage run's heartbeats (>= 30; default {HEARTBEAT_S})")
+    dep.add_argument("--crash-after", type=int, default=int(os.environ.get("LONGTAIL_CRASH_AFTER_S", CRASH_AFTER_S)),
+                     help=f"a stage run with no heartbeat for this long is Crashed (default {CRASH_AFTER_S})")
     args = parser.parse_args(argv)
     if args.command == "serve":
         serve(args.name)
         return 0
     if args.command == "deploy-stage":
-        print(f"{STAGE_DEPLOYMENT} on pool {args.pool}: {deploy_stage(args.pool)}")
+        deployment_id = deploy_stage(args.pool, heartbeat_s=args.heartbeat, crash_after_s=args.crash_after)
+        print(f"{STAGE_DEPLOYMENT} on pool {args.pool}: {deployment_id} (heartbeat every {args.heartbeat} s, "
+              f"Crashed after {args.crash_after} s without one)")
         return 0
-    statuses = longtail_pipeline(
-        overrides=args.override,
-        targets=args.target,
-        force=args.force,
-        max_parallel=args.max_parallel,
-        repo_root=args.repo,
-        executor=args.executor,
-        isolated=args.isolated,
-        name=args.name,
-    )
+    try:
+        statuses = longtail_pipeline(
+            overrides=args.override,
+            targets=args.target,
+            force=args.force,
+            max_parallel=args.max_parallel,
+            repo_root=args.repo,
+            executor=args.executor,
+            isolated=args.isolated,
+            name=args.name,
+            crash_retries=args.crash_retries,
+        )
+    except GraphFailedError as exc:
+        # One line per failed stage, after Prefect's log of the traceback.
+        for stage, error in exc.failures.items():
+            line = (str(error).splitlines() or [type(error).__name__])[0]
+            print(f"pipeline.flow: {line if line.startswith(f'{stage}:') else f'{stage} failed: {line}'}",
+                  file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("pipeline.flow: interrupted; the stage runs it submitted are cancelled", file=sys.stderr)
+        return 130
     width = max((len(n) for n in statuses), default=0)
     for name, status in statuses.items():
         print(f"{name:<{width}}  {status}")
     return 0
 
-
-if __name__ == "__main__":
-    # Re-import so the flow object belongs to `pipeline.flow` (not `__main__`): served deployments load it by path.
-    from pipeline.flow import main as _main
-
-    raise SystemExit(_main())

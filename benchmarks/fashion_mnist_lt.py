@@ -25,6 +25,7 @@ This repository's ``data/``, ``params.yaml`` and ``dvc.lock`` are never touched.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -107,6 +108,12 @@ def main() -> None:
     if code != 0:
         sys.exit(f"the pipeline failed after {wall:.0f} s; its log: {log}")
     stages = {name: float(s) for name, s in STAGE_TIME.findall(out)}
+    timed = work / "one_seed.json"  # the timing of the run that trained the stages, kept across resumed runs
+    if stages:
+        timed.write_text(json.dumps({"wall_s": round(wall, 1), "stage_s": stages}, indent=2) + "\n")
+    elif timed.is_file():  # everything was up to date: report the run that did the work
+        earlier = json.loads(timed.read_text())
+        wall, stages = earlier["wall_s"], earlier["stage_s"]
 
     seed_wall, seed_stages = 0.0, {}
     if args.seed_models:

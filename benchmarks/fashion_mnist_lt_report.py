@@ -29,8 +29,8 @@ from pipeline.evaluate.report import GROUPS, collect_outputs  # noqa: E402
 
 # (claim, paper and what its number is, model A, model B, group, expected sign of A − B)
 CLAIMS = [
-    ("LDAM-DRW over CE", "CIFAR-10-LT: 77.0 vs 70.4 (+6.7; LDAM-DRW paper, errors 22.97 vs 29.64)", "teachers/ldam_drw", "teachers/ce",
-     "all", 1),
+    ("LDAM-DRW over CE", "CIFAR-10-LT: 77.0 vs 70.4 (+6.7; LDAM-DRW paper, errors 22.97 vs 29.64)",
+     "teachers/ldam_drw", "teachers/ce", "all", 1),
     ("LDAM-DRW over CE, few-shot", "(the gain comes from the tail classes)", "teachers/ldam_drw", "teachers/ce",
      "few", 1),
     ("SAM on top of LDAM-DRW", "CIFAR-10-LT: 81.9 vs 77.0 (+4.9; Saddle-LongTail)", "teachers/ldam_drw_sam",

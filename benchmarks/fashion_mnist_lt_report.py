@@ -140,8 +140,10 @@ def write_report(data_root: Path, result: dict, out: Path) -> str:
 
     stage_s = result.get("stage_s", {})
     if stage_s:
+        seed_s = result.get("seed_stage_s") or {}
         lines += ["", f"## Wall time: {result['wall_s'] / 60:.1f} min for one seed ({len(stage_s)} stages, "
-                      f"{result.get('jobs', 2)} at a time); seed replicas {result.get('seed_wall_s', 0) / 60:.1f} min",
+                      f"{result.get('jobs', 2)} at a time); seed replicas: {len(seed_s)} stages, "
+                      f"{sum(seed_s.values()) / 60:.1f} min of stage time",
                   "", "| stage | s | stage | s |", "|---|---|---|---|"]
         items = sorted(stage_s.items())
         half = (len(items) + 1) // 2

@@ -78,25 +78,6 @@ EXPECTED_UPSTREAM = {
 }
 
 
-@pytest.fixture(scope="module")
-def prefect_harness(tmp_path_factory, dvc_env):
-    """One ephemeral Prefect server for the module, in a temporary PREFECT_HOME, analytics off."""
-    home = tmp_path_factory.mktemp("prefect_home")
-    env = {
-        "PREFECT_HOME": str(home),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
-        "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.3",
-        "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
-    }
-    from prefect.testing.utilities import prefect_test_harness
-
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        with prefect_test_harness(server_startup_timeout=90):
-            yield
-
 
 @pytest.fixture(scope="module")
 def toy_repo(make_dvc_repo, dvc_env) -> Path:

@@ -225,7 +225,8 @@ def test_a_class_left_empty(with_dataset: Path, params: dict) -> None:
 
 
 def test_unknown_source_and_profile(with_dataset: Path, params: dict) -> None:
-    check_bad(with_dataset, params, _dataset(source="mnist"), "dataset", needles=("mnist", "digits, fashion_mnist, imagefolder"))
+    check_bad(with_dataset, params, _dataset(source="mnist"), "dataset",
+              needles=("mnist", "digits, fashion_mnist, imagefolder"))
     check_bad(with_dataset, params, _dataset(profile="zipf"), "dataset", needles=("zipf", "exp, step"))
 
 

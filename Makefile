@@ -12,7 +12,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install run test test-fast lint params ui flow pool bench-fashion clean
+.PHONY: install run test test-soak test-fast lint params ui flow pool bench-fashion clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -29,7 +29,11 @@ run: install
 	@cat data/reports/summary.md
 
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -m "not soak"
+
+# `make test-soak`: the lost-worker tests (a real Prefect server, two workers, 90 s heartbeat windows: ~6 min)
+test-soak: install
+	$(PY) -m pytest -q -p no:cacheprovider -m soak
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not pipeline"

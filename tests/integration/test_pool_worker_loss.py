@@ -29,7 +29,7 @@ from tests.integration.test_pool_pipeline import _params
 from tests.pipeline.conftest import TEST_ENV
 from tests.pipeline.test_pool import _free_port, _stop, _wait_healthy
 
-pytestmark = [pytest.mark.slow, pytest.mark.pipeline]
+pytestmark = [pytest.mark.slow, pytest.mark.pipeline, pytest.mark.soak]
 
 PY = sys.executable
 EPOCHS = 6

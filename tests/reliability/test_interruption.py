@@ -226,7 +226,11 @@ def test_killed_run_resumes_to_the_same_weights(tiny_repo: Path, reference: dict
     if resumed_after is None:
         assert "resuming from checkpoint" not in printed, printed[-3000:]
     elif resumed_after != "-":
-        assert f"resuming from checkpoint {CHECKPOINT} after epoch {resumed_after} of 4" in printed, printed[-3000:]
+        resumed = f"resuming from checkpoint {CHECKPOINT} after epoch {resumed_after} of 4" in printed
+        # Killed inside DVC after the command wrote its outputs: they are bit for bit those of the lock entry an
+        # earlier run in this repository wrote (outputs hold nothing run-specific), so DVC rightly skips the stage.
+        up_to_date = who == "dvc" and "Stage 'teacher@ce' didn't change, skipping" in printed
+        assert resumed or up_to_date, printed[-3000:]
     assert_same_weights(reference, tiny_repo / MODEL)
     assert_clean(tiny_repo)
 

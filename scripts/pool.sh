@@ -15,6 +15,7 @@
 #      PYTHON (.venv/bin/python), PREFECT_HOME (<repo>/.prefect), OMP_NUM_THREADS (cores / WORKERS),
 #      LONGTAIL_HEARTBEAT_S (30: a stage run's heartbeats), LONGTAIL_CRASH_AFTER_S (90: no heartbeat for this long and
 #      Prefect's automation marks the run Crashed; the pipeline run sends the stage again, crash_retries times),
+#      LONGTAIL_PENDING_AFTER_S (120: a run a worker took but did not start within this long is marked Crashed),
 #      LONGTAIL_CHECKPOINT_STORE (<remote>/longtail-checkpoints: where stages push checkpoints to resume elsewhere).
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 WORKERS="${WORKERS:-2}"

@@ -27,8 +27,8 @@ CLI: ``python -m pipeline.flow run [-S key=value ...] [-t target ...] [--force] 
 [--isolated | --in-workspace] [--name NAME]`` runs once (ephemeral Prefect unless ``PREFECT_API_URL`` is set);
 ``python -m pipeline.flow serve`` serves the deployment ``longtail-pipeline/longtail`` for the UI;
 ``python -m pipeline.flow deploy-stage --pool POOL`` registers ``longtail-stage/run-stage`` on a work pool, with
-the automation that marks its runs ``Crashed`` when their heartbeats stop. Without
-Prefect, ``python -m pipeline.orchestrate run`` runs the same graph with the same scheduler.
+the automations that mark its runs ``Crashed`` when their heartbeats stop or when a worker took one but never
+started it. Without Prefect, ``python -m pipeline.orchestrate run`` runs the same graph with the same scheduler.
 """
 
 import argparse
@@ -49,8 +49,10 @@ from pipeline.flow.pool import (
     CRASH_AFTER_S,
     CRASH_RETRIES,
     HEARTBEAT_S,
+    PENDING_AFTER_S,
     POOL_NAME,
     STAGE_DEPLOYMENT,
+    check_windows,
     deploy_stage,
     longtail_stage,
     run_graph_on_pool,
@@ -391,18 +393,29 @@ def main(argv: list[str] | None = None) -> int:
         "deploy-stage", help=f"register {STAGE_DEPLOYMENT} on a process work pool (needs `prefect server start`)"
     )
     dep.add_argument("--pool", default=POOL_NAME, help=f"work pool, created if missing (default {POOL_NAME})")
-    dep.add_argument("--heartbeat", type=int, default=int(os.environ.get("LONGTAIL_HEARTBEAT_S", HEARTBEAT_S)),
+    # String defaults from the environment go through `type` as a flag would: a bad value is a one-line usage error.
+    dep.add_argument("--heartbeat", type=int, default=os.environ.get("LONGTAIL_HEARTBEAT_S", str(HEARTBEAT_S)),
                      help=f"seconds between a stage run's heartbeats (>= 30; default {HEARTBEAT_S})")
-    dep.add_argument("--crash-after", type=int, default=int(os.environ.get("LONGTAIL_CRASH_AFTER_S", CRASH_AFTER_S)),
+    dep.add_argument("--crash-after", type=int, default=os.environ.get("LONGTAIL_CRASH_AFTER_S", str(CRASH_AFTER_S)),
                      help=f"a stage run with no heartbeat for this long is Crashed (default {CRASH_AFTER_S})")
+    dep.add_argument("--pending-after", type=int,
+                     default=os.environ.get("LONGTAIL_PENDING_AFTER_S", str(PENDING_AFTER_S)),
+                     help="a stage run a worker took but did not start (Pending) for this long is Crashed: its worker "
+                     f"was lost (>= 10; default {PENDING_AFTER_S}, env LONGTAIL_PENDING_AFTER_S)")
     args = parser.parse_args(argv)
     if args.command == "serve":
         serve(args.name)
         return 0
     if args.command == "deploy-stage":
-        deployment_id = deploy_stage(args.pool, heartbeat_s=args.heartbeat, crash_after_s=args.crash_after)
+        try:
+            check_windows(args.heartbeat, args.crash_after, args.pending_after)
+        except ValueError as exc:
+            dep.error(str(exc))  # one line, before anything is registered
+        deployment_id = deploy_stage(args.pool, heartbeat_s=args.heartbeat, crash_after_s=args.crash_after,
+                                     pending_after_s=args.pending_after)
         print(f"{STAGE_DEPLOYMENT} on pool {args.pool}: {deployment_id} (heartbeat every {args.heartbeat} s, "
-              f"Crashed after {args.crash_after} s without one)")
+              f"Crashed after {args.crash_after} s without one, or {args.pending_after} s after a worker took it "
+              "without starting it)")
         return 0
     try:
         statuses = longtail_pipeline(

@@ -6,20 +6,26 @@ docs/scale_out.md). The submitting flow (:mod:`pipeline.flow`) sends one per sta
 shared scheduler (:func:`run_graph_on_pool`).
 
 GPU hosts die (preempted spot nodes, OOM kills, reboots), and a flow run whose process died with its worker stays
-``Running`` in Prefect: nothing reports its end. Lost stages are found with Prefect's own mechanism:
+``Running`` in Prefect: nothing reports its end. Lost stages are found with Prefect's own mechanism, two proactive
+automations restricted to the stage deployment (:mod:`pipeline.flow.automations`, created idempotently by
+:func:`deploy_stage`; a self-hosted server has no managed one):
 
 * the stage flow runs send heartbeats (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``, set in the deployment's job
-  variables by :func:`deploy_stage`; 30 s, Prefect's minimum);
-* the automation of Prefect's "detect zombie flows" recipe, restricted to this deployment
-  (:func:`ensure_crash_automation`, created idempotently by :func:`deploy_stage`), marks a run ``Crashed`` when no
-  heartbeat (nor a final state) follows the last one within ``crash_after_s`` (default 90 s: three missed beats).
-  A self-hosted server has no managed one. A flow-run process that dies while its worker lives is marked
-  ``Crashed`` by the worker at once.
+  variables by :func:`deploy_stage`; 30 s, Prefect's minimum), and the automation of Prefect's "detect zombie flows"
+  recipe marks a run ``Crashed`` when no heartbeat (nor a final state) follows the last one within ``crash_after_s``
+  (default 90 s: three missed beats);
+* a run that a worker took (``Pending``) but whose worker died before the run's process started never sends a
+  heartbeat: the second automation marks it ``Crashed`` when it is not ``Running`` (nor final) within
+  ``pending_after_s`` of ``Pending`` (default 120 s; a live process worker starts a run in seconds).
+
+The server evaluates both every 5 s, so a lost stage is marked 0-5 s after its window ends. A flow-run process that
+dies while its worker lives is marked ``Crashed`` by the worker at once.
 
 :func:`pool_stage` resubmits a ``Crashed`` stage (never a ``Failed`` one: the stage's own error would only repeat) up
-to ``crash_retries`` times; any live worker takes it, and it resumes from the last checkpoint its lost worker pushed
-(:mod:`pipeline.orchestrate.checkpoint_sync`). With the retries spent, or a run that no live worker of the pool
-takes, the stage fails with one line that says what happened, and so does the pipeline run. Nothing waits forever.
+to ``crash_retries`` times, whichever automation crashed it; any live worker takes it, and it resumes from the last
+checkpoint its lost worker pushed (:mod:`pipeline.orchestrate.checkpoint_sync`). With the retries spent, or a run that
+is not started while its pool has no live worker for ``NO_WORKER_S``, the stage fails with one line that says what
+happened, and so does the pipeline run. Nothing waits forever.
 
 An interrupt (Ctrl-C) of the submitting flow cancels every stage run it submitted (:func:`cancel_submitted`) and
 stops the threads that wait on them, so one Ctrl-C ends ``python -m pipeline.flow run``.
@@ -33,7 +39,6 @@ import os
 import socket
 import threading
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
 from uuid import UUID
@@ -43,6 +48,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture, as_completed
 from pydantic import Field
 
+from pipeline.flow.automations import CRASH_AFTER_S, MIN_WINDOW_S, PENDING_AFTER_S, ensure_stage_automations
 from pipeline.orchestrate import checkpoint_sync
 from pipeline.orchestrate import pool as pool_steps
 from pipeline.orchestrate.execution import StageFailedError, run_graph, run_stage_retrying
@@ -59,10 +65,7 @@ STAGE_RESULT_ARTIFACT = "dvc-stage-result"  # artifact type of a pool stage's re
 POOL_POLL_S = 2.0
 CRASH_RETRIES = 2  # resubmissions of a stage whose flow run crashed (a lost worker)
 HEARTBEAT_S = 30  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY of the stage runs (Prefect's minimum)
-CRASH_AFTER_S = 90  # no heartbeat for this long: Crashed (Prefect's recipe: 3 missed heartbeats)
 NO_WORKER_S = 300  # a run not started while the pool has had no live worker for this long fails
-CRASH_AUTOMATION = "longtail: crash stage runs without heartbeats"
-CRASH_MESSAGE = "no heartbeat for {s} s: its worker was lost"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -169,7 +172,8 @@ def _pool_has_live_worker(client: Any, pool: str | None) -> bool:
 
 
 def _wait_final(run: Any, no_worker_s: float) -> Any:
-    """Poll the flow run until its state is final and return it (the flow run, as read last).
+    """Poll the flow run until its state is final and return it (the flow run, as read last). A run whose worker was
+    lost, while it ran or after it took it, is marked ``Crashed`` by an automation and returned like any final run.
 
     Raises:
         PoolStageInterrupted: the submitting flow was interrupted.
@@ -340,53 +344,19 @@ def run_graph_on_pool(
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Set-up: the pool, the stage deployment, the crash automation
+# Set-up: the pool, the stage deployment, its automations (pipeline/flow/automations.py)
 # --------------------------------------------------------------------------------------------------------------------
-def ensure_crash_automation(deployment_id: UUID, crash_after_s: int = CRASH_AFTER_S) -> UUID:
-    """Create (or replace, when it differs) the automation that marks a stage run ``Crashed`` when its heartbeats
-    stop: Prefect's "detect zombie flows" recipe, restricted to the deployment ``deployment_id``. Idempotent."""
-    from prefect.automations import Automation
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.objects import StateType
-    from prefect.events.actions import ChangeFlowRunState
-    from prefect.events.schemas.automations import EventTrigger, Posture
-
-    wanted = Automation(
-        name=CRASH_AUTOMATION,
-        description="Marks a longtail-stage flow run Crashed when its heartbeats stop (a lost worker); the pipeline "
-        "run then submits the stage again (pipeline/flow/pool.py).",
-        trigger=EventTrigger(
-            after={"prefect.flow-run.heartbeat"},
-            expect={
-                "prefect.flow-run.heartbeat",
-                "prefect.flow-run.Completed",
-                "prefect.flow-run.Failed",
-                "prefect.flow-run.Cancelled",
-                "prefect.flow-run.Crashed",
-            },
-            match={"prefect.resource.id": ["prefect.flow-run.*"]},
-            match_related={
-                "prefect.resource.role": "deployment",
-                "prefect.resource.id": f"prefect.deployment.{deployment_id}",
-            },
-            for_each={"prefect.resource.id"},
-            posture=Posture.Proactive,
-            threshold=1,
-            within=timedelta(seconds=crash_after_s),
-        ),
-        actions=[ChangeFlowRunState(state=StateType.CRASHED, message=CRASH_MESSAGE.format(s=crash_after_s))],
-    )
-    with get_client(sync_client=True) as client:
-        existing = client.read_automations_by_name(CRASH_AUTOMATION)
-        keep = [a for a in existing if a.trigger == wanted.trigger and a.actions == wanted.actions and a.enabled]
-        for automation in existing:
-            if not keep or automation.id != keep[0].id:
-                client.delete_automation(automation.id)
-    if keep:
-        return keep[0].id
-    created = wanted.create()
-    logger.info("Created automation %r (Crashed after %d s without a heartbeat)", CRASH_AUTOMATION, crash_after_s)
-    return created.id
+def check_windows(heartbeat_s: int, crash_after_s: int, pending_after_s: int) -> None:
+    """Raise ``ValueError`` (one line) for windows the automations cannot use."""
+    if crash_after_s <= heartbeat_s:
+        raise ValueError(
+            f"crash_after_s={crash_after_s} must exceed heartbeat_s={heartbeat_s} (Prefect's recipe: "
+            "three heartbeats), or every live stage would be marked Crashed"
+        )
+    if pending_after_s < MIN_WINDOW_S:
+        raise ValueError(
+            f"pending_after_s={pending_after_s} must be >= {MIN_WINDOW_S} (Prefect's shortest proactive window)"
+        )
 
 
 def deploy_stage(
@@ -394,10 +364,12 @@ def deploy_stage(
     name: str = STAGE_DEPLOYMENT_NAME,
     heartbeat_s: int = HEARTBEAT_S,
     crash_after_s: int = CRASH_AFTER_S,
+    pending_after_s: int = PENDING_AFTER_S,
 ) -> str:
     """Register the ``longtail-stage/<name>`` deployment on the ``process`` work pool ``pool`` (created if missing),
-    with flow-run heartbeats every ``heartbeat_s``, and the automation that crashes its runs after ``crash_after_s``
-    without one (:func:`ensure_crash_automation`). Idempotent.
+    with flow-run heartbeats every ``heartbeat_s``, and the automations that crash its runs after ``crash_after_s``
+    without a heartbeat, or ``pending_after_s`` after a worker took them without starting them
+    (:func:`pipeline.flow.automations.ensure_stage_automations`). Idempotent.
 
     The entrypoint is the module path ``pipeline.flow.pool.longtail_stage`` and there are no pull steps: a worker
     imports the flow from its own clone (``PYTHONPATH``) and :func:`longtail_stage` checks out the pinned commit
@@ -408,11 +380,7 @@ def deploy_stage(
     from prefect.deployments.runner import EntrypointType
     from prefect.exceptions import ObjectAlreadyExists
 
-    if crash_after_s <= heartbeat_s:
-        raise ValueError(
-            f"crash_after_s={crash_after_s} must exceed heartbeat_s={heartbeat_s} (Prefect's recipe: "
-            "three heartbeats), or every live stage would be marked Crashed"
-        )
+    check_windows(heartbeat_s, crash_after_s, pending_after_s)
     with get_client(sync_client=True) as client:
         try:
             client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
@@ -426,5 +394,5 @@ def deploy_stage(
         job_variables={"env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(heartbeat_s)}},
     )
     deployment_id = deployment.apply()
-    ensure_crash_automation(deployment_id, crash_after_s)
+    ensure_stage_automations(deployment_id, crash_after_s, pending_after_s)
     return str(deployment_id)

@@ -5,6 +5,9 @@ like) once the teacher's first checkpoint reached the shared store. Prefect's he
 ``Crashed``, the pipeline run submits it again, the other worker fetches the checkpoint and resumes, and the run
 completes; the teacher's weights equal an uninterrupted single-machine run's bit for bit, and no flow run is left
 ``Running``. (b) A stage whose every attempt crashes ends the run ``Failed``, with one line naming it, in bounded time.
+(c) One Ctrl-C stops the run and cancels its stage runs. (d) A run that a worker took (``Pending``) but never started
+(its worker lost in between) is marked ``Crashed`` by the second automation, and the stage is resubmitted and completes
+on a live worker.
 
 Short on purpose: one teacher of the digits data set, heartbeats every 30 s (Prefect's minimum) and a 45 s automation
 window, so a lost stage is seen 15-50 s after the loss. MLflow is off.
@@ -34,6 +37,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.pipeline, pytest.mark.soak]
 PY = sys.executable
 EPOCHS = 6
 CRASH_AFTER_S = 45
+PENDING_AFTER_S = 20  # (d) only: the other tests' real runs keep the default window
 
 
 @pytest.fixture(scope="module")
@@ -257,3 +261,82 @@ def test_one_ctrl_c_stops_the_run_and_cancels_its_stage_runs(pool_repo: Path, se
     teacher = [r for r in runs if r["name"] == "teacher@ce" and r["state"] not in ("COMPLETED", "CRASHED")]
     assert teacher and all(r["state"] in ("CANCELLED", "CANCELLING") for r in teacher), runs
     print(f"stopped {stopped_in:.1f} s after one SIGINT")
+
+
+# (d) The stage's first flow run is taken as a worker takes one (Scheduled -> Pending, through the API the worker uses)
+# while the pool is paused, so no real worker can take it first; then that "worker" is gone: nothing ever starts it.
+# The pool is resumed at once, so the resubmitted run goes to the live worker. Run by pool.sh as its command, around
+# the pipeline run; writes what the server recorded to a JSON file.
+_TAKER = """
+import json, subprocess, sys, time
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolUpdate
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter
+from prefect.client.schemas.filters import FlowRunFilterState, FlowRunFilterStateType
+from prefect.client.schemas.objects import StateType
+from prefect.states import Pending, Submitting
+
+pool, out, cmd = sys.argv[1], sys.argv[2], sys.argv[3:]
+with get_client(sync_client=True) as client:
+    deployment = client.read_deployment_by_name("longtail-stage/run-stage")
+    of_stage = DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
+    before = {r.id for r in client.read_flow_runs(deployment_filter=of_stage)}
+    client.update_work_pool(pool, WorkPoolUpdate(is_paused=True))
+    try:
+        proc = subprocess.Popen(cmd)
+        scheduled = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])))
+        taken = None
+        while taken is None and proc.poll() is None:
+            runs = client.read_flow_runs(deployment_filter=of_stage, flow_run_filter=scheduled)
+            taken = next((r for r in runs if r.id not in before), None)
+            time.sleep(0.1)
+        if taken is not None:
+            client.set_flow_run_state(taken.id, Pending())  # what a worker proposes when it takes a run,
+            client.set_flow_run_state(taken.id, Submitting())  # and then, before it starts the run's process
+    finally:
+        client.update_work_pool(pool, WorkPoolUpdate(is_paused=False))
+    rc = proc.wait()
+    runs = sorted((r for r in client.read_flow_runs(deployment_filter=of_stage) if r.id not in before),
+                  key=lambda r: r.created)
+    taken_id = taken.id if taken is not None else None
+    json.dump([{"id": str(r.id), "name": r.name, "taken": r.id == taken_id, "created": r.created.timestamp(),
+                "states": [{"type": s.type.value, "name": s.name, "message": s.message, "at": s.timestamp.timestamp()}
+                           for s in sorted(client.read_flow_run_states(r.id), key=lambda s: s.timestamp)]}
+               for r in runs], open(out, "w"))
+sys.exit(rc)
+"""
+
+
+def test_a_run_taken_but_never_started_is_crashed_and_resubmitted(pool_repo: Path, server: str) -> None:
+    repo, pool_dir = pool_repo, pool_repo.parent / "pool-d"
+    env = _env(repo, repo.parent / "prefect", server, LONGTAIL_PENDING_AFTER_S=str(PENDING_AFTER_S),
+               POOL="pending-loss", WORKERS="1", POOL_DIR=str(pool_dir))
+    taker, record = repo.parent / "taker.py", repo.parent / "pending-loss.json"
+    taker.write_text(_TAKER)
+    cmd = ["bash", "scripts/pool.sh", "--", PY, str(taker), "pending-loss", str(record),
+           PY, "-m", "pipeline.flow", "run", "--executor", "pool", "-t", "dataset", "--name", "pending-loss"]
+    started = time.monotonic()
+    out_file = open(pool_dir.parent / f"{pool_dir.name}.out", "w")
+    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=out_file, stderr=subprocess.STDOUT, start_new_session=True)
+    rc, out = _finish(proc, pool_dir, timeout=300)
+    elapsed = time.monotonic() - started
+    assert rc == 0, _logs(pool_dir)[-8000:]
+    runs = json.loads(record.read_text())
+    assert len(runs) == 2 and runs[0]["taken"], runs
+    taken, resubmitted = runs
+    states = [(s["type"], s["name"]) for s in taken["states"]]
+    assert states == [("SCHEDULED", "Scheduled"), ("PENDING", "Pending"), ("PENDING", "Submitting"),
+                      ("CRASHED", "Crashed")], taken  # never Running
+    pending_at, crashed = taken["states"][1]["at"], taken["states"][-1]
+    message = f"taken by a worker but not started within {PENDING_AFTER_S} s: its worker was lost"
+    assert crashed["message"] == message, crashed
+    to_crashed = crashed["at"] - pending_at
+    assert PENDING_AFTER_S <= to_crashed <= PENDING_AFTER_S + 15, to_crashed  # evaluated every 5 s
+    assert re.search(rf"\[dataset\] flow run {re.escape(taken['name'])} crashed \({message}\): submitting it again, "
+                     r"attempt 2 of 3", out), out[-6000:]
+    assert re.search(r"\[dataset\] ran on worker-1 after 1 crashed attempt\(s\)", out), out[-6000:]
+    assert [s["type"] for s in resubmitted["states"]][-3:] == ["PENDING", "RUNNING", "COMPLETED"], resubmitted
+    at = {s["type"]: s["at"] for s in resubmitted["states"]}
+    print(f"Pending -> Crashed {to_crashed:.1f} s (window {PENDING_AFTER_S} s); resubmitted "
+          f"{resubmitted['created'] - crashed['at']:.1f} s later; its worker started it "
+          f"{at['RUNNING'] - at['PENDING']:.1f} s after taking it; test {elapsed:.0f} s")

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import timm
 import torch
 from torch.utils.data import DataLoader
 
@@ -42,7 +41,7 @@ from pipeline.data import (
     load_split,
 )
 from pipeline.losses import LOSSES, class_weight_schedule, create_loss
-from pipeline.models import backbones as _backbones  # noqa: F401  (registers the CIFAR ResNets with timm)
+from pipeline.models.factory import is_backbone
 from pipeline.models.heads import HEADS
 from pipeline.models.network import Network, load_network
 from pipeline.optim.sam import SAM
@@ -98,7 +97,7 @@ def _check(where: str, key: str, value: str, valid: list[str] | tuple[str, ...])
 
 def _validate_train(cfg: TrainConfig, where: str) -> None:
     _check(where, "method", cfg.method, METHOD_BUILDERS.names())
-    if not timm.is_model(cfg.model.backbone):
+    if not is_backbone(cfg.model.backbone):
         raise ConfigError(f"{where}.model.backbone: unknown backbone {cfg.model.backbone!r}; registered here: "
                           "cifar_resnet8, cifar_resnet20, cifar_resnet32, or any timm model name")
     _check(where, "model.head", cfg.model.head, HEADS.names())

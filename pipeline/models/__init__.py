@@ -1,1 +1,1 @@
-"""Backbones (registered with timm), heads and the Network that pairs them."""
+"""Backbones (CIFAR ResNets in plain PyTorch, the rest through timm), heads and the Network that pairs them."""

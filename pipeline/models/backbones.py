@@ -1,9 +1,8 @@
-"""Backbones, created through timm; this module registers the CIFAR ResNets of LDAM-DRW and small distilled ViTs.
+"""The timm side of the backbones: registers the CIFAR ResNets of LDAM-DRW and small distilled ViTs with timm.
 
-ResNet-32 follows kaidic/LDAM-DRW ``models/resnet_cifar.py`` (METHODS.md §2.1): a 3x3 stem of 16 channels, three
-stages of 16/32/64 channels with strides 1/2/2, option-A shortcuts (stride-2 subsampling and zero-padded channels),
-global average pooling to 64-d, Kaiming-normal init of every conv and linear weight. ``cifar_resnet8`` is the same
-network with one block per stage: the fast model for CPU runs.
+Importing this module imports timm (3+ s): :func:`pipeline.models.factory.create_backbone` imports it only for a
+backbone that needs timm, never for the CIFAR ResNets (``pipeline.models.cifar_resnet``), which are registered here
+as well so that ``timm.create_model("cifar_resnet32")`` and pretrained files work.
 
 The ``deit_lt_*_32`` models are timm's ``VisionTransformerDistilled`` (DeiT's CLS and DIST tokens, METHODS.md
 §6.1) sized for 32×32 inputs on a CPU: patch 8 or 4 (16 or 64 patches + 2 prefix tokens), qkv bias, LayerNorm eps
@@ -16,79 +15,12 @@ the classifier is a separate head (``pipeline.models.heads``).
 
 from __future__ import annotations
 
-import logging
-
-import timm
-import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.deit import VisionTransformerDistilled
-from torch import Tensor, nn
 
-from pipeline.registry import UnknownNameError
-
-logger = logging.getLogger(__name__)
-
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2023, 0.1994, 0.2010)
-
-
-class _BasicBlock(nn.Module):
-    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        # option A: subsample spatially, zero-pad channels by planes // 4 on each side (no parameters)
-        self.pad = planes // 4 if (stride != 1 or in_planes != planes) else 0
-
-    def _shortcut(self, x: Tensor) -> Tensor:
-        if not self.pad:
-            return x
-        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self._shortcut(x))
-
-
-class CifarResNet(nn.Module):
-    """ResNet_s of LDAM-DRW with ``blocks`` basic blocks per stage (5 → ResNet-32)."""
-
-    def __init__(self, blocks: int = 5, num_classes: int = 0, in_chans: int = 3, **_: object) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.num_features = 64
-        self.stem = nn.Sequential(nn.Conv2d(in_chans, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
-        layers, in_planes = [], 16
-        for planes, stride in ((16, 1), (32, 2), (64, 2)):
-            for i in range(blocks):
-                layers.append(_BasicBlock(in_planes, planes, stride if i == 0 else 1))
-                in_planes = planes
-        self.stages = nn.Sequential(*layers)
-        self.head = nn.Linear(64, num_classes) if num_classes > 0 else nn.Identity()
-        for m in self.modules():
-            if isinstance(m, nn.Linear | nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight)
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(64, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        return self.stages(self.stem(x))  # (B, 64, H/4, W/4)
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = x.mean(dim=(2, 3))  # global average pool, (B, 64)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
+from pipeline.models.cifar_resnet import CIFAR_MEAN, CIFAR_STD, CifarResNet, _BasicBlock  # noqa: F401  (re-exported)
+from pipeline.models.factory import create_backbone, is_backbone  # noqa: F401  (re-exported)
 
 
 def _cfg(**kwargs: object) -> dict:
@@ -171,22 +103,3 @@ def deit_lt_tiny_patch4_32(pretrained: bool = False, **kwargs: object) -> Vision
 def deit_lt_small_patch4_32(pretrained: bool = False, **kwargs: object) -> VisionTransformerDistilled:
     """Distilled ViT for 32×32 inputs: patch 4, width 192, depth 8, 6 heads."""
     return _create_vit("small_patch4", pretrained, **kwargs)
-
-
-def create_backbone(name: str, *, pretrained: bool = False, checkpoint_file: str | None = None, **kwargs: object):
-    """A timm model without classifier (``num_classes=0``): ``model(x)`` gives (B, model.num_features).
-
-    Args:
-        name: any timm model name, including the ones registered here.
-        pretrained: load pretrained weights (from the hub, or from ``checkpoint_file`` when given).
-        checkpoint_file: a local weights file, loaded through timm's ``pretrained_cfg_overlay``.
-    """
-    if not timm.is_model(name):
-        raise UnknownNameError(
-            f"unknown backbone {name!r}; registered here: cifar_resnet8, cifar_resnet20, cifar_resnet32; "
-            f"or any of timm's {len(timm.list_models())} models (timm.list_models())"
-        )
-    extra: dict = {}
-    if checkpoint_file:
-        pretrained, extra["pretrained_cfg_overlay"] = True, {"file": checkpoint_file}
-    return timm.create_model(name, pretrained=pretrained, num_classes=0, **extra, **kwargs)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.io import load_tensors
-from pipeline.models.backbones import create_backbone
+from pipeline.models.factory import create_backbone
 from pipeline.models.heads import create_head
 
 

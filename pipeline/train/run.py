@@ -122,7 +122,10 @@ def write_outputs(method: Method, trainer: Trainer, ctx: BuildContext, out_dir: 
     logger.info("wrote %s in %.1fs", out_dir, export_time)
     timings = {"train_time_s": sum(trainer.epoch_times.values()), "export_time_s": export_time,
                "epochs_trained": len(trainer.epoch_times)}
-    write_timings(timings_path, {**timings, "epoch_time_s": {str(e): t for e, t in trainer.epoch_times.items()}})
+    span = trainer.train_span  # Unix times of the first epoch's start and the last one's end (see Trainer)
+    span = {"train_started_at": span[0], "train_ended_at": span[1]} if span else {}
+    write_timings(timings_path, {**timings, **span,
+                                 "epoch_time_s": {str(e): t for e, t in trainer.epoch_times.items()}})
     if tracker is not None:
         tracker.log_metrics({k: v for k, v in timings.items() if k != "epochs_trained"}, step=summary["epochs"])
         t0, cpu0 = time.perf_counter(), time.process_time()

@@ -137,6 +137,9 @@ class Trainer:
                              "or a number of updates >= 1")
         self.history: list[dict[str, float]] = []  # per-epoch metrics: deterministic (no wall times)
         self.epoch_times: dict[int, float] = {}  # epoch → wall seconds, for the epochs this call trained
+        # Unix times of the first epoch's start and the last epoch's end in this call (None: nothing trained): with
+        # the process's start and exit they give a stage's overhead (benchmarks/stage_overhead.py).
+        self.train_span: tuple[float, float] | None = None
         self.best: dict[str, Any] | None = None
         self.start_epoch = 0
         self.start_batch = 0  # batches of ``start_epoch`` already done (a resume inside an epoch)
@@ -308,6 +311,7 @@ class Trainer:
         stop = self.cfg.epochs
         if self.cfg.stop_after_epochs is not None:
             stop = min(stop, self.start_epoch + self.cfg.stop_after_epochs)
+        started = time.time()
         for epoch in range(self.start_epoch, stop):
             t0 = time.perf_counter()
             metrics = self._train_epoch(epoch)
@@ -326,6 +330,8 @@ class Trainer:
                         " ".join(f"{k}={v:.4g}" for k, v in timed.items() if k != "epoch"))
             if self.cfg.checkpoint_path is not None and distributed.is_main():
                 save_checkpoint(self.cfg.checkpoint_path, self._state(epoch + 1))
+        if stop > self.start_epoch:
+            self.train_span = (started, time.time())
         if stop == self.cfg.epochs and self.best is not None:
             logger.info("selected epoch %d by validation accuracy %.4f", self.best["epoch"] + 1, self.best["acc"])
             self.method.load_state_dict(self.best["method"])

@@ -162,6 +162,35 @@ def test_timm_default_cfgs_are_registered() -> None:
         assert cfg.num_classes == C and cfg.classifier == "head"
 
 
+@pytest.mark.parametrize("name", ["cifar_resnet8", "cifar_resnet20", "cifar_resnet32"])
+def test_cifar_resnets_without_timm_equal_timm_s(name: str) -> None:
+    """``create_backbone`` builds the CIFAR ResNets without timm (a stage that trains one never imports it): same
+    weights for the same seed as ``timm.create_model(name, num_classes=0)``, same preprocessing config."""
+    torch.manual_seed(3)
+    direct = create_backbone(name)
+    torch.manual_seed(3)
+    via_timm = timm.create_model(name, num_classes=0)
+    assert type(direct) is type(via_timm)
+    a, b = direct.state_dict(), via_timm.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for key in ("input_size", "mean", "std", "first_conv", "classifier"):
+        assert tuple(direct.pretrained_cfg[key]) == tuple(via_timm.pretrained_cfg[key]) if isinstance(
+            direct.pretrained_cfg[key], tuple) else direct.pretrained_cfg[key] == via_timm.pretrained_cfg[key]
+
+
+def test_a_cifar_resnet_teacher_does_not_import_timm() -> None:
+    """Building, training a step of and exporting a CIFAR ResNet network imports neither timm nor open_clip."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; import pipeline.build; from pipeline.models.network import Network; "
+            "n = Network({'backbone': {'name': 'cifar_resnet8'}, 'head': {'name': 'linear'}, 'num_classes': 3}); "
+            "n(torch.zeros(1, 3, 32, 32)).sum().backward(); "
+            "print(sorted(m for m in ('timm', 'open_clip', 'faiss', 'mlflow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_load_does_not_need_the_pretrained_weights_again(tmp_path: Path) -> None:
     """A network initialised from a local pretrained file is rebuilt from model.pt alone.
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
 from pipeline.dvc_locks import clear_stale_locks
+from pipeline.orchestrate.priority import record_stage_time
 from pipeline.tracking import PARENT_RUN_ENV
 
 logger = logging.getLogger(__name__)
@@ -200,6 +201,8 @@ def run_stage(
         raise StageFailedError(f"dvc repro {stage} failed with exit code {returncode}:\n{tail}")
     status = parse_status(stage, output)
     log.info("[%s] %s in %.1f s", stage, status, elapsed)
+    if status == "ran":
+        record_stage_time(root, stage, elapsed)  # the next run's scheduling priority (pipeline.orchestrate.priority)
     return status
 
 
@@ -262,11 +265,13 @@ def run_graph(
     submit: Callable[[str, list[F]], F],
     as_completed: Callable[[list[F]], Iterable[F]],
     max_parallel: int,
+    priority: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Run every stage of ``graph`` once all its upstream stages succeeded, at most ``max_parallel`` at a time.
 
-    Stages are considered in the order of ``graph`` (topological, upstream first, as :func:`stage_graph` gives it),
-    so among ready stages the earlier one starts first. On a failure no new stage starts; the running ones finish;
+    Among ready stages the one earlier in ``priority`` starts first (:func:`pipeline.orchestrate.priority.
+    critical_path`: the longest remaining path first); by default, the order of ``graph`` (topological, upstream
+    first, as :func:`stage_graph` gives it). On a failure no new stage starts; the running ones finish;
     then :class:`GraphFailedError` is raised, naming the failures, the completed stages and those never started.
 
     Args:
@@ -276,6 +281,7 @@ def run_graph(
         as_completed: yields the given futures as they finish (``prefect.futures.as_completed``,
             ``concurrent.futures.as_completed``); only its first item is taken per call.
         max_parallel: most stages in flight at once.
+        priority: every stage of ``graph``, in the order ready stages should start (default: graph order).
 
     Returns:
         ``{stage: future.result()}`` in graph order.
@@ -286,13 +292,16 @@ def run_graph(
     """
     _check_graph(graph, max_parallel)
     order = list(graph)
+    if priority is not None and sorted(priority) != sorted(order):
+        raise ValueError("priority must list every stage of the graph once")
+    start_order = list(priority) if priority is not None else order
     done: dict[str, Any] = {}
     futures: dict[str, F] = {}
     running: dict[F, str] = {}
     failures: dict[str, BaseException] = {}
     while True:
         if not failures:
-            for name in order:
+            for name in start_order:
                 if len(running) >= max_parallel:
                     break
                 if name in futures or any(up not in done for up in graph[name]):

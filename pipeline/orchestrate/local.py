@@ -12,7 +12,9 @@ is reported ``skipped`` without a ``dvc repro`` process (a process costs about a
 nothing to do costs about what a no-op ``dvc repro`` does (benchmarks/README.md).
 
 Every output line of a stage is prefixed with ``[stage] ``, its start and end are printed with the elapsed time, and
-the run ends with one ``name  ran|skipped`` line per stage and a summary. A failed stage makes the runner start
+the run ends with one ``name  ran|skipped`` line per stage and a summary. Among ready stages, the one with the longest
+remaining path through the graph starts first (:mod:`pipeline.orchestrate.priority`, from the stage times of earlier
+runs). A failed stage makes the runner start
 nothing new, let the running stages finish, print a one-line error on stderr and exit with status 1.
 
 With MLflow tracking on (:func:`pipeline.tracking.tracking_enabled`), the store is created once before stages start
@@ -42,6 +44,7 @@ from pipeline.orchestrate.execution import (
     threads_per_stage,
 )
 from pipeline.orchestrate.graph import select_stages, stage_graph, stages_to_run
+from pipeline.orchestrate.priority import critical_path, read_stage_times, stage_costs
 from pipeline.tracking import find_repo_root, init_store, tracking_enabled
 
 logger = logging.getLogger(__name__)
@@ -98,7 +101,8 @@ def run_local(
             return pool.submit(run_stage_retrying, name, root, force=force, threads=threads, log=log)
 
         try:
-            ran = run_graph(to_run, submit, concurrent.futures.as_completed, max_parallel) if to_run else {}
+            order = critical_path(to_run, stage_costs(to_run, read_stage_times(root)))  # longest remaining path first
+            ran = run_graph(to_run, submit, concurrent.futures.as_completed, max_parallel, order) if to_run else {}
         except GraphFailedError as exc:
             exc.completed = {n: {**skipped, **exc.completed}[n] for n in graph if n in skipped or n in exc.completed}
             raise

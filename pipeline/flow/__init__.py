@@ -21,7 +21,8 @@ and report whether DVC ran the stage or found it up to date / in its run cache. 
 and only on them: a failing stage command is not retried.
 
 With MLflow tracking on, the flow opens a parent run and passes its id to every stage through
-``LONGTAIL_PARENT_RUN_ID``, so each stage's run is its child.
+``LONGTAIL_PARENT_RUN_ID``, so each stage's run is its child. With the local executor the stages journal their runs
+and the flow process writes them into MLflow (:mod:`pipeline.orchestrate.journal_replay`), so no stage imports mlflow.
 
 CLI: ``python -m pipeline.flow run [-S key=value ...] [-t target ...] [--force] [-j N] [--executor local|pool]
 [--isolated | --in-workspace] [--name NAME]`` runs once (ephemeral Prefect unless ``PREFECT_API_URL`` is set);
@@ -32,6 +33,7 @@ started it. Without Prefect, ``python -m pipeline.orchestrate run`` runs the sam
 """
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -69,6 +71,7 @@ from pipeline.orchestrate.execution import (
     threads_per_stage,
 )
 from pipeline.orchestrate.graph import select_stages, stage_graph
+from pipeline.orchestrate.journal_replay import JournalReplayer, stage_journal
 from pipeline.orchestrate.overrides import apply_overrides
 from pipeline.orchestrate.priority import critical_path, read_stage_times, stage_costs
 from pipeline.orchestrate.workspace import (
@@ -118,6 +121,7 @@ def repro_stage(
     parent_run_id: str | None = None,
     threads: int | None = None,
     env: dict[str, str] | None = None,
+    replayer: JournalReplayer | None = None,
 ) -> StageStatus:
     """Run ``dvc --wait-for-lock repro --single-item <stage>`` in ``repo_root``, streaming its output to the run log.
 
@@ -128,6 +132,8 @@ def repro_stage(
         parent_run_id: MLflow parent run id exported to the stage as ``LONGTAIL_PARENT_RUN_ID``.
         threads: ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` of the stage unless set already; ``None`` leaves them.
         env: extra environment of the stage (:func:`pipeline.orchestrate.workspace.stage_env`).
+        replayer: gives this attempt (each retry its own) a fresh MLflow journal and writes the run from it when the
+            stage process ended; None: the stage logs to MLflow itself (or not at all, with tracking off).
 
     Returns:
         'ran' or 'skipped'.
@@ -136,9 +142,17 @@ def repro_stage(
         StageLockError: DVC could not take a lock (the task is retried).
         StageFailedError: the stage failed (not retried).
     """
-    return run_stage(
-        stage, repo_root, force=force, parent_run_id=parent_run_id, threads=threads, env=env, log=get_run_logger()
-    )
+    with stage_journal(replayer, stage) as journal_dir:
+        return run_stage(
+            stage,
+            repo_root,
+            force=force,
+            parent_run_id=parent_run_id,
+            threads=threads,
+            env=env,
+            journal_dir=journal_dir,
+            log=get_run_logger(),
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -152,14 +166,19 @@ def _run_graph(
     parent_run_id: str | None,
     env: dict[str, str] | None = None,
 ) -> dict[str, StageStatus]:
-    """The shared scheduler with one ``repro_stage`` task per stage (``wait_for`` draws the edges in the UI)."""
+    """The shared scheduler with one ``repro_stage`` task per stage (``wait_for`` draws the edges in the UI).
+
+    With tracking on, the stages' MLflow runs are written here from their journals, and all of them before this
+    returns (so before the parent run ends and an isolated worktree is removed).
+    """
     threads = threads_per_stage(max_parallel)
+    with JournalReplayer(get_run_logger()) if tracking_enabled() else contextlib.nullcontext() as replayer:
 
-    def submit(name: str, upstream: list[PrefectFuture[StageStatus]]) -> PrefectFuture[StageStatus]:
-        return repro_stage.submit(name, repo_root, force, parent_run_id, threads, env, wait_for=upstream)
+        def submit(name: str, upstream: list[PrefectFuture[StageStatus]]) -> PrefectFuture[StageStatus]:
+            return repro_stage.submit(name, repo_root, force, parent_run_id, threads, env, replayer, wait_for=upstream)
 
-    order = critical_path(graph, stage_costs(graph, read_stage_times(repo_root)))  # longest remaining path first
-    return run_graph(graph, submit, as_completed, max_parallel, order)
+        order = critical_path(graph, stage_costs(graph, read_stage_times(repo_root)))  # longest remaining path first
+        return run_graph(graph, submit, as_completed, max_parallel, order)
 
 
 @flow(

@@ -9,6 +9,8 @@ local runner (``python -m pipeline.orchestrate run``) are two thin drivers of th
 * :mod:`~pipeline.orchestrate.execution`: one stage (``dvc --wait-for-lock repro --single-item``) and the scheduler
   that runs a graph over any kind of future.
 * :mod:`~pipeline.orchestrate.local`: the Prefect-free runner and its CLI.
+* :mod:`~pipeline.orchestrate.priority`: which ready stage starts first (the longest remaining path).
+* :mod:`~pipeline.orchestrate.journal_replay`: the stages' MLflow journals, replayed in the runner's process.
 * :mod:`~pipeline.orchestrate.workspace`: isolated runs (a git worktree of the pinned commit, saved as a DVC
   experiment).
 * :mod:`~pipeline.orchestrate.pool`: one stage on a work-pool worker (checkout, ``dvc pull``, repro, ``dvc push``).

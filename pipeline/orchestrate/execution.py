@@ -15,6 +15,10 @@ lock failure raises the retriable :class:`StageLockError` and every other failur
 Each stage gets ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` = CPU count // ``max_parallel`` (unless already set):
 torch uses every core by default, so two parallel stages with two threads each would oversubscribe two cores.
 
+With a :class:`~pipeline.orchestrate.journal_replay.JournalReplayer` (tracking on), each attempt of a stage gets a
+fresh ``$LONGTAIL_TRACKING_JOURNAL`` directory: the stage journals its MLflow run there instead of importing mlflow,
+and the replayer writes the run once the ``dvc repro`` process has ended (:mod:`pipeline.orchestrate.journal_replay`).
+
 :func:`run_graph` is the one scheduler, shared by the Prefect flow and the local runner. It is generic over the kind
 of future: the caller says how a stage is submitted and supplies an ``as_completed`` (Prefect's task futures and
 ``prefect.futures.as_completed``, or a ``ThreadPoolExecutor`` and ``concurrent.futures.as_completed``), so the
@@ -35,8 +39,9 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
 from pipeline.dvc_locks import clear_stale_locks
+from pipeline.orchestrate.journal_replay import JournalReplayer, stage_journal
 from pipeline.orchestrate.priority import record_stage_time
-from pipeline.tracking import PARENT_RUN_ENV
+from pipeline.tracking import JOURNAL_ENV, PARENT_RUN_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +109,10 @@ def threads_per_stage(max_parallel: int) -> int:
 
 
 def _dvc_env(
-    parent_run_id: str | None, threads: int | None = None, extra: Mapping[str, str] | None = None
+    parent_run_id: str | None,
+    threads: int | None = None,
+    extra: Mapping[str, str] | None = None,
+    journal_dir: str | None = None,
 ) -> dict[str, str]:
     """The environment of a stage process: ours, analytics off, the MLflow parent run, the thread budget.
 
@@ -113,6 +121,8 @@ def _dvc_env(
         threads: value for ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` where they are not set already (a user's
             explicit setting wins); ``None`` leaves them alone.
         extra: variables set last (an isolated run's ``PYTHONPATH``, MLflow store and run tags).
+        journal_dir: exported as ``LONGTAIL_TRACKING_JOURNAL``; ``None`` removes an inherited one (the stage logs to
+            MLflow itself: a journal nobody replays would be lost).
     """
     env = dict(os.environ)
     env.setdefault("DVC_NO_ANALYTICS", "1")
@@ -125,6 +135,10 @@ def _dvc_env(
         for var in THREAD_ENV_VARS:
             env.setdefault(var, str(threads))
     env.update(extra or {})
+    if journal_dir:
+        env[JOURNAL_ENV] = journal_dir
+    else:
+        env.pop(JOURNAL_ENV, None)
     return env
 
 
@@ -137,6 +151,7 @@ def run_stage(
     threads: int | None = None,
     env: Mapping[str, str] | None = None,
     pull: bool = False,
+    journal_dir: str | None = None,
     log: Log = logger,
 ) -> StageStatus:
     """Run ``dvc --wait-for-lock repro --single-item <stage>`` in ``repo_root``, streaming its output to ``log``.
@@ -152,6 +167,9 @@ def run_stage(
         threads: ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` of the stage unless set already (:func:`threads_per_stage`).
         pull: pass ``--pull`` (missing outputs of an unchanged stage, and the run cache, from the DVC remote).
         env: extra environment variables of the stage process (:func:`pipeline.orchestrate.workspace.stage_env`).
+        journal_dir: a fresh directory where the stage journals its MLflow run (``LONGTAIL_TRACKING_JOURNAL``), for
+            the caller to replay once this returns or raises
+            (:meth:`pipeline.orchestrate.journal_replay.JournalReplayer.attempt`); None: the stage logs to MLflow.
         log: where output and progress go (the flow passes Prefect's run logger).
 
     Returns:
@@ -175,7 +193,7 @@ def run_stage(
     with subprocess.Popen(
         cmd,
         cwd=root,
-        env=_dvc_env(parent_run_id, threads, env),
+        env=_dvc_env(parent_run_id, threads, env, journal_dir),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
@@ -212,6 +230,7 @@ def run_stage_retrying(
     *,
     retries: int = LOCK_RETRIES,
     delay_s: float = LOCK_RETRY_DELAY_S,
+    replayer: JournalReplayer | None = None,
     log: Log = logger,
     **kwargs: Any,
 ) -> StageStatus:
@@ -222,12 +241,15 @@ def run_stage_retrying(
         repo_root: root of the DVC repository.
         retries: attempts after the first.
         delay_s: seconds between attempts.
+        replayer: gives each attempt a fresh MLflow journal and replays it when the attempt ended; None: the stage
+            logs to MLflow itself (or not at all, with tracking off).
         log: as in :func:`run_stage`.
         **kwargs: forwarded to :func:`run_stage` (force, parent_run_id, threads, env).
     """
     for attempt in range(retries + 1):
         try:
-            return run_stage(stage, repo_root, log=log, **kwargs)
+            with stage_journal(replayer, stage) as journal_dir:
+                return run_stage(stage, repo_root, log=log, journal_dir=journal_dir, **kwargs)
         except StageLockError:
             if attempt == retries:
                 raise

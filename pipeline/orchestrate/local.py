@@ -19,7 +19,9 @@ nothing new, let the running stages finish, print a one-line error on stderr and
 
 With MLflow tracking on (:func:`pipeline.tracking.tracking_enabled`), the store is created once before stages start
 in parallel (concurrent first use corrupts it, ECOSYSTEM.md §4); unlike the flow, no parent run is opened, so each
-stage's run is a top-level run.
+stage's run is a top-level run. The stages do not import mlflow: each journals its run, and one background thread of
+this process writes the runs into MLflow as the stages end (:mod:`pipeline.orchestrate.journal_replay`); the runner
+returns once they are written.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from pipeline.orchestrate.execution import (
     threads_per_stage,
 )
 from pipeline.orchestrate.graph import select_stages, stage_graph, stages_to_run
+from pipeline.orchestrate.journal_replay import JournalReplayer
 from pipeline.orchestrate.priority import critical_path, read_stage_times, stage_costs
 from pipeline.tracking import find_repo_root, init_store, tracking_enabled
 
@@ -90,15 +93,21 @@ def run_local(
         log.info("%d stage(s) up to date, skipped without a dvc process: %s", len(up_to_date), ", ".join(up_to_date))
     # The stages to run, with only their upstream stages that run too (the others are done already).
     to_run = {name: [up for up in ups if up in run] for name, ups in graph.items() if name in run}
-    if to_run and tracking_enabled():
+    tracked = bool(to_run) and tracking_enabled()
+    if tracked:
         init_store(root)  # create the SQLite store before stages open it in parallel (ECOSYSTEM.md §4)
     threads = threads_per_stage(max_parallel)
     skipped: dict[str, StageStatus] = dict.fromkeys(up_to_date, "skipped")
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="stage") as pool:
+    # Left last: the stages' MLflow runs are all written before this returns (or raises).
+    with (
+        JournalReplayer(log) if tracked else contextlib.nullcontext() as replayer,
+        concurrent.futures.ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="stage") as pool,
+    ):
 
         def submit(name: str, upstream: list[concurrent.futures.Future[StageStatus]]) -> concurrent.futures.Future:
             # Upstream futures have all succeeded when the scheduler submits; nothing to wait for here.
-            return pool.submit(run_stage_retrying, name, root, force=force, threads=threads, log=log)
+            return pool.submit(run_stage_retrying, name, root, force=force, threads=threads, replayer=replayer,
+                               log=log)
 
         try:
             order = critical_path(to_run, stage_costs(to_run, read_stage_times(root)))  # longest remaining path first

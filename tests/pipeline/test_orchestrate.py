@@ -419,3 +419,55 @@ def test_runner_initialises_tracking_store_before_any_stage(toy_repo, first_run,
     )
     assert calls[0] == ("init", toy_repo.resolve()) and [c[0] for c in calls].count("init") == 1
     assert all(kw.get("parent_run_id") is None and kw["threads"] == threads_per_stage(2) for _, kw in calls[1:])
+
+
+# `tracked.py NAME [fail]`: one MLflow run through create_tracker, then OUT = the heavy modules the stage imported.
+TRACKED_PY = """import pathlib, sys
+from pipeline.tracking import create_tracker
+name = sys.argv[1]
+with create_tracker(name, name, {"toy": "yes"}) as tr:
+    tr.log_params({"stage": {"name": name}})
+    tr.log_metrics({"m": 1.0}, step=1)
+    pathlib.Path(name + ".txt").write_text(str(sorted({m.split(".")[0] for m in sys.modules} & {"mlflow", "pandas"})))
+    if sys.argv[2:] == ["fail"]:
+        raise SystemExit("failing on purpose")
+"""
+
+
+@pytest.mark.pipeline
+def test_runner_writes_the_stages_mlflow_runs_from_their_journals(make_dvc_repo, dvc_env, tmp_path, monkeypatch):
+    """Tracking on: the stages import no mlflow; their runs (a failed one too) are in the store when the runner
+    returns, with the stage's tags, params, metrics and status; no journal is left behind."""
+    import mlflow
+
+    from pipeline.orchestrate.local import run_local
+
+    stages = {
+        "a": {"cmd": f"{PY} tracked.py a", "deps": ["tracked.py"], "outs": ["a.txt"]},
+        "b": {"cmd": f"{PY} tracked.py b", "deps": ["tracked.py", "a.txt"], "outs": ["b.txt"]},
+        "bad": {"cmd": f"{PY} tracked.py bad fail", "deps": ["tracked.py", "b.txt"], "outs": ["bad.txt"]},
+    }
+    repo = make_dvc_repo("toy_tracked", {"dvc.yaml": yaml.safe_dump({"stages": stages}), "tracked.py": TRACKED_PY})
+    for key in ("MLFLOW_TRACKING_URI", "LONGTAIL_PARENT_RUN_ID", "LONGTAIL_RUN_TAGS", "LONGTAIL_TRACKING_JOURNAL"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("LONGTAIL_TRACKING", "on")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    journals = tmp_path / "tmp"
+    journals.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(journals))
+    with pytest.raises(GraphFailedError) as failed:
+        run_local(repo)
+    assert list(failed.value.failures) == ["bad"] and set(failed.value.completed) == {"a", "b"}
+    assert (repo / "a.txt").read_text() == (repo / "b.txt").read_text() == "[]"  # no mlflow in the stages
+    assert list(journals.iterdir()) == []  # every journal replayed and deleted
+
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("longtail-pipeline").experiment_id])
+    by_stage = {r.data.tags["stage"]: r for r in runs}
+    assert sorted(by_stage) == ["a", "b", "bad"]
+    assert {s: r.info.status for s, r in by_stage.items()} == {"a": "FINISHED", "b": "FINISHED", "bad": "FAILED"}
+    for name, run in by_stage.items():
+        assert run.data.params == {"stage.name": name} and run.data.metrics == {"m": 1.0}
+        assert run.data.tags["dvc_stage"] == name and run.data.tags["toy"] == "yes" and run.data.tags["git_commit"]
+        assert run.data.tags["mlflow.source.name"].endswith("tracked.py")
+        assert run.info.start_time <= run.info.end_time

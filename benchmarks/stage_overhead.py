@@ -13,8 +13,9 @@ which includes the export: the predictions on train, val and test the stage writ
 Every stage runs on the default run's data in a temporary copy of this repository (``data/`` copied from this
 workspace, so run ``make run`` first), with its training entries shortened to 2 epochs and no checkpoint to resume
 from, as ``python -m stages.<kind>`` (not through DVC: DVC's own cost is ``benchmarks/dvc_repro.py``). Kinds and
-``import torch`` are interleaved, ``repeats`` rounds, medians reported. Tracking is on, as in the default run
-(``--tracking off`` for the NullTracker).
+``import torch`` are interleaved, ``repeats`` rounds, medians reported. Tracking is on, as in the default run: the
+stage writes its MLflow journal, which the runner replays in its own process (``--tracking journal``, the default);
+``--tracking direct`` logs to MLflow from the stage (``dvc repro`` by hand), ``--tracking off`` uses the NullTracker.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import ROOT, write_result  # noqa: E402
 from benchmarks.full_run import copy_tree  # noqa: E402
+from pipeline.tracking import JOURNAL_ENV  # noqa: E402
 
 EPOCHS = 2
 #: kind → (module, arguments, DVC stage name, whether it trains)
@@ -68,13 +70,16 @@ def prepare(work: Path) -> None:
                    check=True, env={**os.environ, "PYTHONPATH": str(work)})
 
 
-def run_once(work: Path, kind: str, env: dict) -> dict:
+def run_once(work: Path, kind: str, env: dict, journal: bool) -> dict:
     if kind == "import torch":
         cmd = [sys.executable, "-c", "import torch"]
     else:
         module, args, stage, _ = KINDS[kind]
         cmd = [sys.executable, "-m", module, *args]
         shutil.rmtree(work / "checkpoints", ignore_errors=True)  # train from scratch, never resume
+        if journal:  # a fresh journal per execution, as the runner gives each stage (replayed by no one here)
+            shutil.rmtree(work / ".journal", ignore_errors=True)
+            env = {**env, JOURNAL_ENV: str(work / ".journal")}
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
     t1 = time.time()
@@ -93,12 +98,13 @@ def run_once(work: Path, kind: str, env: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--tracking", choices=("on", "off"), default="on")
+    parser.add_argument("--tracking", choices=("journal", "direct", "off"), default="journal")
     parser.add_argument("--kinds", nargs="*", default=list(KINDS), help=f"subset of: {', '.join(KINDS)}")
     args = parser.parse_args()
-    env = {**os.environ, "LONGTAIL_TRACKING": args.tracking, "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
-           "LONGTAIL_LOG_LEVEL": "WARNING"}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = {**os.environ, "LONGTAIL_TRACKING": "off" if args.tracking == "off" else "on", "HF_HUB_OFFLINE": "1",
+           "MLFLOW_DISABLE_TELEMETRY": "true", "LONGTAIL_LOG_LEVEL": "WARNING"}
+    for var in ("MLFLOW_TRACKING_URI", JOURNAL_ENV):
+        env.pop(var, None)
     kinds = ["import torch", *args.kinds]
     samples: dict[str, list[dict]] = {k: [] for k in kinds}
     with tempfile.TemporaryDirectory(prefix="stage_overhead_") as tmp:
@@ -107,7 +113,7 @@ def main() -> None:
         env["PYTHONPATH"] = str(work)
         for r in range(args.repeats):
             for kind in kinds:
-                samples[kind].append(run_once(work, kind, env))
+                samples[kind].append(run_once(work, kind, env, args.tracking == "journal"))
                 print(f"round {r + 1}/{args.repeats} {kind:22s} " + " ".join(
                     f"{k}={v:.2f}" for k, v in samples[kind][-1].items()), flush=True)
     medians = {k: {m: round(statistics.median(s[m] for s in runs), 2) for m in runs[0]} for k, runs in samples.items()}
@@ -121,8 +127,8 @@ def main() -> None:
         print(f"{kind:22s} {m['wall_s']:7.2f} {m.get('overhead_s', float('nan')):9.2f} "
               f"{m['over_import_torch_s']:8.2f}{detail}")
     write_result(f"stage_overhead_tracking-{args.tracking}", {
-        "command": f"PYTHONPATH=. .venv/bin/python benchmarks/stage_overhead.py --repeats {args.repeats}"
-                   + (" --tracking off" if args.tracking == "off" else ""),
+        "command": f"PYTHONPATH=. .venv/bin/python benchmarks/stage_overhead.py --repeats {args.repeats} "
+                   f"--tracking {args.tracking}",
         "epochs_per_training_stage": EPOCHS, "tracking": args.tracking, "median": medians,
         "samples": {k: [{m: round(v, 3) for m, v in s.items()} for s in runs] for k, runs in samples.items()},
     })

@@ -139,7 +139,7 @@ def write_outputs(method: Method, trainer: Trainer, ctx: BuildContext, out_dir: 
         _log_dataset(tracker, ctx)
         example = _input_example(next((loaders[s] for s in ("test", "val", "train") if loaders[s] is not None), None))
         tracker.log_model(net, out_dir, input_example=example, step=step)
-        logger.info("logged %s to MLflow in %.2fs (%.2fs CPU)", out_dir, time.perf_counter() - t0,
+        logger.info("logged %s to the tracker in %.2fs (%.2fs CPU)", out_dir, time.perf_counter() - t0,
                     time.process_time() - cpu0)
     return summary
 

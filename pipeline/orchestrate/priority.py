@@ -6,10 +6,11 @@ ranks each stage by its *bottom level*, its own cost plus the costliest chain of
 list scheduling with HLFET priorities), and the scheduler (:func:`pipeline.orchestrate.execution.run_graph`) starts
 ready stages in that order.
 
-A stage's cost is the wall time its last execution took (the runners record it in ``data/timings/stages.json``, a
-file no stage reads and DVC does not track); a seed replica without one borrows its primary stage's; a stage never
-run gets the median of the known ones scaled by its kind's weight (:data:`KIND_WEIGHTS`, the ratios of the default
-run's stage times), or that weight alone when nothing was recorded yet (a run from an empty ``data/``).
+A stage's cost is the wall time its last execution took (the runners record it in ``.dvc/tmp/stage_times.json``,
+DVC's own scratch folder, which git ignores in every DVC repository and no stage reads); a seed replica without one
+borrows its primary stage's; a stage never run gets the median of the known ones scaled by its kind's weight
+(:data:`KIND_WEIGHTS`, the ratios of the default run's stage times), or that weight alone when nothing was recorded
+yet (a first run).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-STAGE_TIMES = Path("data") / "timings" / "stages.json"  # {stage: seconds of its last execution}, under the repo root
+STAGE_TIMES = Path(".dvc") / "tmp" / "stage_times.json"  # {stage: seconds of its last execution}, under the repo root
 #: relative cost of a stage by kind when it has no recorded time (ratios of the default run's stage times, rounded)
 KIND_WEIGHTS = {"student": 4.0, "teacher": 2.0, "upper_bound": 2.0, "rebalance": 1.0, "index": 0.5, "memory": 0.3,
                 "dataset": 0.3, "evaluate": 0.3}

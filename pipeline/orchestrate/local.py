@@ -47,7 +47,7 @@ from pipeline.orchestrate.execution import (
 )
 from pipeline.orchestrate.graph import select_stages, stage_graph, stages_to_run
 from pipeline.orchestrate.journal_replay import JournalReplayer
-from pipeline.orchestrate.priority import critical_path, read_stage_times, stage_costs
+from pipeline.orchestrate.priority import priority_order, read_stage_times
 from pipeline.tracking import find_repo_root, init_store, tracking_enabled
 
 logger = logging.getLogger(__name__)
@@ -94,13 +94,13 @@ def run_local(
     # The stages to run, with only their upstream stages that run too (the others are done already).
     to_run = {name: [up for up in ups if up in run] for name, ups in graph.items() if name in run}
     tracked = bool(to_run) and tracking_enabled()
-    if tracked:
-        init_store(root)  # create the SQLite store before stages open it in parallel (ECOSYSTEM.md §4)
     threads = threads_per_stage(max_parallel)
     skipped: dict[str, StageStatus] = dict.fromkeys(up_to_date, "skipped")
     # Left last: the stages' MLflow runs are all written before this returns (or raises).
     with (
-        JournalReplayer(log) if tracked else contextlib.nullcontext() as replayer,
+        # The store is created once, on the replay thread, before the first journal (ECOSYSTEM.md §4: concurrent
+        # first use corrupts it); the stages write journals and never open it, so they need not wait for it.
+        JournalReplayer(log, setup=lambda: init_store(root)) if tracked else contextlib.nullcontext() as replayer,
         concurrent.futures.ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="stage") as pool,
     ):
 
@@ -110,7 +110,7 @@ def run_local(
                                log=log)
 
         try:
-            order = critical_path(to_run, stage_costs(to_run, read_stage_times(root)))  # longest remaining path first
+            order = priority_order(to_run, read_stage_times(root))
             ran = run_graph(to_run, submit, concurrent.futures.as_completed, max_parallel, order) if to_run else {}
         except GraphFailedError as exc:
             exc.completed = {n: {**skipped, **exc.completed}[n] for n in graph if n in skipped or n in exc.completed}

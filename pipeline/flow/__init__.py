@@ -73,7 +73,7 @@ from pipeline.orchestrate.execution import (
 from pipeline.orchestrate.graph import select_stages, stage_graph
 from pipeline.orchestrate.journal_replay import JournalReplayer, stage_journal
 from pipeline.orchestrate.overrides import apply_overrides
-from pipeline.orchestrate.priority import priority_order, read_stage_times
+from pipeline.orchestrate.priority import critical_path, read_stage_times, stage_costs
 from pipeline.orchestrate.workspace import (
     experiment_name,
     isolated_worktree,
@@ -177,7 +177,7 @@ def _run_graph(
         def submit(name: str, upstream: list[PrefectFuture[StageStatus]]) -> PrefectFuture[StageStatus]:
             return repro_stage.submit(name, repo_root, force, parent_run_id, threads, env, replayer, wait_for=upstream)
 
-        order = priority_order(graph, read_stage_times(repo_root))
+        order = critical_path(graph, stage_costs(graph, read_stage_times(repo_root)))  # longest remaining path first
         return run_graph(graph, submit, as_completed, max_parallel, order)
 
 

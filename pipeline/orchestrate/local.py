@@ -47,7 +47,7 @@ from pipeline.orchestrate.execution import (
 )
 from pipeline.orchestrate.graph import select_stages, stage_graph, stages_to_run
 from pipeline.orchestrate.journal_replay import JournalReplayer
-from pipeline.orchestrate.priority import priority_order, read_stage_times
+from pipeline.orchestrate.priority import critical_path, read_stage_times, stage_costs
 from pipeline.tracking import find_repo_root, init_store, tracking_enabled
 
 logger = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def run_local(
                                log=log)
 
         try:
-            order = priority_order(to_run, read_stage_times(root))
+            order = critical_path(to_run, stage_costs(to_run, read_stage_times(root)))  # longest remaining path first
             ran = run_graph(to_run, submit, concurrent.futures.as_completed, max_parallel, order) if to_run else {}
         except GraphFailedError as exc:
             exc.completed = {n: {**skipped, **exc.completed}[n] for n in graph if n in skipped or n in exc.completed}

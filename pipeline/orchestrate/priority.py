@@ -10,7 +10,9 @@ A stage's cost is the wall time its last execution took (the runners record it i
 DVC's own scratch folder, which git ignores in every DVC repository and no stage reads); a seed replica without one
 borrows its primary stage's; a stage never run gets the median of the known ones scaled by its kind's weight
 (:data:`KIND_WEIGHTS`, the ratios of the default run's stage times), or that weight alone when nothing was recorded
-yet; with no record at all (a first run), ready stages start in graph order (:func:`priority_order`).
+yet (a first run). Measured on the default run from nothing, one run each: 10 min 7 s with these weights, 10 min
+22 s in graph order; both schedules ended within 1-2 % of the bound the stages' own times set (their sum / 2), and
+the stages' times themselves moved by up to 20 % with the stage they shared the cores with.
 """
 
 from __future__ import annotations
@@ -100,13 +102,3 @@ def critical_path(graph: Mapping[str, Sequence[str]], costs: Mapping[str, float]
         bottom(name)
     position = {name: i for i, name in enumerate(graph)}
     return sorted(graph, key=lambda n: (-level[n], position[n]))
-
-
-def priority_order(graph: Mapping[str, Sequence[str]], times: Mapping[str, float]) -> list[str] | None:
-    """The order in which ready stages start: :func:`critical_path` when any stage of ``graph`` has a recorded time
-    (its own or its primary stage's), else None (graph order). Without any record, the kind weights only guess, and
-    on the default run they guessed worse than the graph order (``make run`` from nothing: 10 min 7 s against 9 min
-    48 s): they cannot tell PaCo's 60 two-view epochs from CE's 30."""
-    if not any(stage in times or _primary(stage) in times for stage in graph):
-        return None
-    return critical_path(graph, stage_costs(graph, times))

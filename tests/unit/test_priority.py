@@ -13,7 +13,6 @@ from pipeline.orchestrate.priority import (
     KIND_WEIGHTS,
     STAGE_TIMES,
     critical_path,
-    priority_order,
     read_stage_times,
     record_stage_time,
     stage_costs,
@@ -74,12 +73,3 @@ def test_run_graph_starts_ready_stages_by_priority():
     assert started[6:] == list(GRAPH)
     with pytest.raises(ValueError, match="priority must list every stage"):
         run_graph(GRAPH, submit, lambda futures: iter(futures), 1, order[:-1])
-
-
-def test_without_any_recorded_time_ready_stages_start_in_graph_order():
-    assert priority_order(GRAPH, {}) is None
-    assert priority_order(GRAPH, {"unrelated@x": 3.0}) is None
-    times = {"teacher@b": 50.0}
-    assert priority_order(GRAPH, times) == critical_path(GRAPH, stage_costs(GRAPH, times))
-    seeds = {"teacher_seed@b-1": [], "teacher_seed@c-1": []}
-    assert priority_order(seeds, {"teacher@c": 9.0, "teacher@b": 5.0}) == ["teacher_seed@c-1", "teacher_seed@b-1"]

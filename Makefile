@@ -31,7 +31,7 @@ run: install
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider -m "not soak"
 
-# `make test-soak`: the lost-worker tests (a real Prefect server, two workers, heartbeat and pending windows: ~7 min)
+# `make test-soak`: the whole pipeline on a pool and the lost-worker tests (a real Prefect server, two workers: ~10 min)
 test-soak: install
 	$(PY) -m pytest -q -p no:cacheprovider -m soak
 

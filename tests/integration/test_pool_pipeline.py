@@ -20,7 +20,9 @@ from tests.integration.test_pipeline import tiny_params
 from tests.pipeline.conftest import TEST_ENV
 from tests.pipeline.test_pool import _experiments, _free_port
 
-pytestmark = [pytest.mark.slow, pytest.mark.pipeline]
+# soak: about 2.5 minutes of a real server and two workers, so `make test-soak` runs it, not `make test` (which
+# keeps tests/pipeline/test_pool.py's two-worker teachers and override runs on the same pool machinery).
+pytestmark = [pytest.mark.slow, pytest.mark.pipeline, pytest.mark.soak]
 
 PY = sys.executable
 

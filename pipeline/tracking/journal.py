@@ -287,6 +287,8 @@ def _replay_record(tracker: Any, record: Mapping[str, Any], journal_dir: Path) -
         tracker.log_params(record["params"])
     elif kind == "metrics":
         tracker.log_metrics(record["metrics"], step=record["step"], timestamp=record["time"])
+    elif kind == "metric_rows":  # consecutive metrics records of one run (_coalesce_metrics)
+        tracker.log_metric_rows([(r["metrics"], r["step"], r["time"]) for r in record["rows"]])
     elif kind == "artifact":
         tracker.log_artifact(record["path"], record["artifact_path"])
     elif kind == "tags":
@@ -343,6 +345,24 @@ def replay_journal(journal_dir: str | os.PathLike[str]) -> str | None:
     return run_ids[0] if run_ids else None
 
 
+def _coalesce_metrics(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Consecutive ``metrics`` records of one run as one ``metric_rows`` record (written in batches: a 300-epoch
+    history took 9 s as 300 writes); every other record, and the order, as they are."""
+    out: list[dict[str, Any]] = []
+    for record in records:
+        if record.get("kind") == "metrics":
+            last = out[-1] if out else None
+            if last is not None and last.get("kind") == "metric_rows" and last.get("run") == record.get("run"):
+                last["rows"].append(record)
+                last["time"] = record.get("time", last["time"])
+                continue
+            out.append({"run": record.get("run", ""), "kind": "metric_rows", "time": record.get("time", 0),
+                        "rows": [record]})
+        else:
+            out.append(record)
+    return out
+
+
 def _replay(records: list[dict[str, Any]], journal_dir: Path) -> tuple[list[str], list[str]]:
     """Replay ``records`` (several runs in one journal are kept apart by their ``run`` key); (run ids, failures)."""
     from pipeline.tracking.mlflow_run import MLflowTracker
@@ -351,7 +371,7 @@ def _replay(records: list[dict[str, Any]], journal_dir: Path) -> tuple[list[str]
     last_time: dict[str, int] = {}
     run_ids: list[str] = []
     errors: list[str] = []
-    for record in records:
+    for record in _coalesce_metrics(records):
         key, kind = record.get("run", ""), record.get("kind")
         last_time[key] = max(last_time.get(key, 0), int(record.get("time", 0)))
         try:

@@ -44,6 +44,7 @@ from pipeline.tracking.store import _ensure_experiment, find_repo_root, init_sto
 
 logger = logging.getLogger(__name__)
 
+_MAX_METRICS_PER_BATCH = 1000  # MLflow's limit of one log_batch call
 _FALLBACK_MAX_PARAM_LEN = 500  # mlflow < 2.x limit; the installed limit is read from mlflow when available
 
 
@@ -136,18 +137,24 @@ class MLflowTracker(_ContextMixin):
     ) -> None:
         """Log scalar metrics at ``step`` (default 0) and ``timestamp`` (Unix ms, default now); NaN values are skipped
         (an empty shot group is NaN)."""
+        self.log_metric_rows([(metrics, step, timestamp)])
+
+    def log_metric_rows(self, rows: Sequence[tuple[Mapping[str, float], int | None, int | None]]) -> None:
+        """:meth:`log_metrics` of many ``(metrics, step, timestamp)`` rows in as few writes as MLflow allows (1000
+        metrics per ``log_batch``): a replayed 300-epoch history is a few SQLite transactions, not 300."""
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000) if timestamp is None else int(timestamp)
         entries = []
-        for key, value in metrics.items():
-            value = float(value)
-            if math.isnan(value):
-                logger.debug("Skipping NaN metric %s", key)
-                continue
-            entries.append(Metric(_clean_key(key), value, now, int(step or 0)))
-        if entries:
-            self._client.log_batch(self.run_id, metrics=entries)
+        for metrics, step, timestamp in rows:
+            now = int(time.time() * 1000) if timestamp is None else int(timestamp)
+            for key, value in metrics.items():
+                value = float(value)
+                if math.isnan(value):
+                    logger.debug("Skipping NaN metric %s", key)
+                    continue
+                entries.append(Metric(_clean_key(key), value, now, int(step or 0)))
+        for start in range(0, len(entries), _MAX_METRICS_PER_BATCH):
+            self._client.log_batch(self.run_id, metrics=entries[start:start + _MAX_METRICS_PER_BATCH])
 
     def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
         """Copy a file (or a directory's files) into the run's artifacts."""

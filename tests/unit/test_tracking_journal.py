@@ -183,6 +183,33 @@ def test_journal_without_close_ends_killed(store, tmp_path):
     assert run.data.metrics == {"train/loss": 1.0}
 
 
+def test_a_long_metric_history_is_replayed_whole_in_few_writes(store, tmp_path, monkeypatch):
+    """1200 epochs of two metrics (one NaN, skipped): every step and timestamp arrives, in 2 log_batch calls of at
+    most 1000 metrics, not 1200."""
+    import mlflow
+
+    root, uri = store
+    tr = JournalTracker(tmp_path, "student@long", "student-long", repo_root=root)
+    for epoch in range(1200):
+        tr.log_metrics({"train/loss": 1.0 / (epoch + 1), "val/few": math.nan}, step=epoch)
+    tr.close()
+    sizes: list[int] = []
+    real = mlflow.MlflowClient.log_batch
+
+    def counting(self, run_id, metrics=(), **kwargs):
+        if metrics:
+            sizes.append(len(metrics))
+        return real(self, run_id, metrics=metrics, **kwargs)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "log_batch", counting)
+    written = {r["step"]: r["time"] for r in read_journal(tmp_path) if r["kind"] == "metrics"}
+    run_id = replay_journal(tmp_path)
+    history = mlflow.MlflowClient(uri).get_metric_history(run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(1200))
+    assert all(m.timestamp == written[m.step] for m in history)
+    assert sizes == [1000, 200]
+
+
 def test_a_record_that_fails_is_one_warning_and_the_journal_stays(store, tmp_path, caplog):
     import mlflow
 
